@@ -1,0 +1,237 @@
+r"""The orbit interface: candidates ``g_k ∘ x0`` in factored form, with proposal densities.
+
+A group element acting on node positions is written ``(g ∘ x)_i = A · x_{π(i)} + m``: a node
+permutation ``π``, a 3×3 linear map ``A`` (rotation, reflection, basis relabelling) and a shift
+``m`` (torus translation). An orbit returns its candidates as up to three *factors* — permutations
+``[Kp, N]``, linear maps ``[B, Kl, 3, 3]`` and shifts ``[B, Ks, 3]`` — and the candidate set is their
+product, ``K = Kp · Kl · Ks`` per graph, flattened in that order. Candidate 0 is always the
+identity (every factor puts its identity first). Keeping the factors apart is what lets the
+estimator score ``Kl`` rotations for each permutation with one 3×3 product each instead of
+materializing ``Kl · N`` positions.
+
+Each factor carries ``log_nu`` (``[B, K_factor]``): the log density of the proposal that drew it
+with respect to the group's uniform (Haar / counting) measure, up to a per-graph constant, and a
+``mask`` marking real candidates (graphs can have fewer candidates than the padded width).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class OrbitContext:
+    """Everything an orbit may look at to build candidates for one batch.
+
+    Attributes:
+        x0: clean positions ``[N, 3]`` (already centred where the orbit needs it).
+        xt: noisy positions ``[N, 3]`` (``None`` for :meth:`Orbit.random_element`).
+        batch: node-to-graph map ``[N]``.
+        num_graphs: ``B``.
+        alpha, sigma: per-graph kernel coefficients, float64 ``[B]``.
+        kernel: the forward kernel (Gaussian or wrapped normal).
+        data: the PyG ``Data``/``Batch`` for node attributes (species, automorphisms), or ``None``.
+    """
+
+    x0: Tensor
+    xt: Optional[Tensor]
+    batch: Tensor
+    num_graphs: int
+    alpha: Optional[Tensor] = None
+    sigma: Optional[Tensor] = None
+    kernel: Any = None
+    data: Any = None
+    ptr: Optional[Tensor] = field(default=None)
+
+    def __post_init__(self):
+        if self.ptr is None:
+            counts = torch.bincount(self.batch, minlength=self.num_graphs)
+            self.ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+    def node_attr(self, key: str) -> Tensor:
+        """A node attribute of ``data``, with an error naming the key when it is missing."""
+        value = None if self.data is None else getattr(self.data, key, None)
+        if value is None:
+            raise KeyError(f"this orbit needs node attribute `{key}` on the batch, but it is missing")
+        if value.size(0) != self.x0.size(0):
+            raise ValueError(
+                f"`{key}` has {value.size(0)} rows but the batch has {self.x0.size(0)} nodes"
+            )
+        return value
+
+
+@dataclass
+class OrbitCandidates:
+    """Factored candidate set (see module docstring). Unused factors are ``None``."""
+
+    num_graphs: int
+    perm: Optional[Tensor] = None  # [Kp, N] long: source node of each node
+    perm_log_nu: Optional[Tensor] = None  # [B, Kp] float64
+    perm_mask: Optional[Tensor] = None  # [B, Kp] bool
+    linear: Optional[Tensor] = None  # [B, Kl, 3, 3] float64
+    linear_log_nu: Optional[Tensor] = None
+    linear_mask: Optional[Tensor] = None
+    shift: Optional[Tensor] = None  # [B, Ks, 3] float64
+    shift_log_nu: Optional[Tensor] = None
+    shift_mask: Optional[Tensor] = None
+
+    # --- sizes -------------------------------------------------------------------------------
+    @property
+    def sizes(self) -> tuple[int, int, int]:
+        kp = 1 if self.perm is None else self.perm.size(0)
+        kl = 1 if self.linear is None else self.linear.size(1)
+        ks = 1 if self.shift is None else self.shift.size(1)
+        return kp, kl, ks
+
+    @property
+    def num_candidates(self) -> int:
+        kp, kl, ks = self.sizes
+        return kp * kl * ks
+
+    def _factor(self, log_nu: Optional[Tensor], mask: Optional[Tensor], like: Tensor, k: int):
+        b = self.num_graphs
+        if log_nu is None:
+            log_nu = like.new_zeros(b, k, dtype=torch.float64)
+        if mask is None:
+            mask = torch.ones(b, k, dtype=torch.bool, device=like.device)
+        return log_nu, mask
+
+    def joint_log_nu_and_mask(self, device) -> tuple[Tensor, Tensor]:
+        """``log nu`` and mask of every joint candidate, ``[B, Kp, Kl, Ks]``."""
+        kp, kl, ks = self.sizes
+        b = self.num_graphs
+        like = torch.empty(0, device=device)
+        lp, mp = self._factor(self.perm_log_nu, self.perm_mask, like, kp)
+        ll, ml = self._factor(self.linear_log_nu, self.linear_mask, like, kl)
+        ls, ms = self._factor(self.shift_log_nu, self.shift_mask, like, ks)
+        log_nu = lp.view(b, kp, 1, 1) + ll.view(b, 1, kl, 1) + ls.view(b, 1, 1, ks)
+        mask = mp.view(b, kp, 1, 1) & ml.view(b, 1, kl, 1) & ms.view(b, 1, 1, ks)
+        return log_nu, mask
+
+    # --- positions ---------------------------------------------------------------------------
+    def permuted(self, x0: Tensor) -> Tensor:
+        """``x0`` under every permutation candidate, ``[Kp, N, 3]``."""
+        return x0.unsqueeze(0) if self.perm is None else x0[self.perm]
+
+    def materialize(self, x0: Tensor, batch: Tensor, flat: Tensor) -> Tensor:
+        """Positions of the joint candidates with flat indices ``flat`` (``[C]``): ``[C, N, 3]``.
+
+        Computed in float64 and returned in ``x0``'s dtype.
+        """
+        kp, kl, ks = self.sizes
+        p, rest = flat // (kl * ks), flat % (kl * ks)
+        l, s = rest // ks, rest % ks
+        y = (x0 if self.perm is None else x0[self.perm[p]]).to(torch.float64)
+        if y.dim() == 2:
+            y = y.unsqueeze(0).expand(flat.numel(), -1, -1)
+        if self.linear is not None:
+            a = self.linear[batch.unsqueeze(0), l.unsqueeze(1)]  # [C, N, 3, 3]
+            y = torch.einsum("cnij,cnj->cni", a, y)
+        if self.shift is not None:
+            y = y + self.shift[batch.unsqueeze(0), s.unsqueeze(1)]
+        return y.to(x0.dtype)
+
+    # --- composition -------------------------------------------------------------------------
+    def combine(self, other: "OrbitCandidates") -> "OrbitCandidates":
+        """Product of two candidate sets: every pair ``g ∘ h``, factor by factor."""
+        out = replace(self)
+        for kind in ("perm", "linear", "shift"):
+            mine, theirs = getattr(self, kind), getattr(other, kind)
+            if theirs is None:
+                continue
+            if mine is None:
+                for suffix in ("", "_log_nu", "_mask"):
+                    setattr(out, kind + suffix, getattr(other, kind + suffix))
+                continue
+            setattr(out, kind, _compose(kind, mine, theirs))
+            b = self.num_graphs
+            k1 = mine.size(0) if kind == "perm" else mine.size(1)
+            k2 = theirs.size(0) if kind == "perm" else theirs.size(1)
+            like = mine if kind != "perm" else torch.empty(0, device=mine.device)
+            l1, m1 = self._factor(getattr(self, kind + "_log_nu"), getattr(self, kind + "_mask"), like, k1)
+            l2, m2 = other._factor(getattr(other, kind + "_log_nu"), getattr(other, kind + "_mask"), like, k2)
+            setattr(out, kind + "_log_nu", (l1.unsqueeze(2) + l2.unsqueeze(1)).reshape(b, k1 * k2))
+            setattr(out, kind + "_mask", (m1.unsqueeze(2) & m2.unsqueeze(1)).reshape(b, k1 * k2))
+        return out
+
+
+def _compose(kind: str, a: Tensor, b: Tensor) -> Tensor:
+    if kind == "perm":  # (a ∘ b ∘ x)_i = x_{b[a[i]]}
+        return b[:, a].permute(1, 0, 2).reshape(-1, a.size(1))
+    if kind == "linear":
+        return (a.unsqueeze(2) @ b.unsqueeze(1)).flatten(1, 2)
+    return (a.unsqueeze(2) + b.unsqueeze(1)).flatten(1, 2)
+
+
+class Orbit:
+    """Base class of group orbits.
+
+    Subclasses implement :meth:`candidates` (the estimator's candidate set, identity first, of
+    about ``num_candidates`` elements per graph) and :meth:`random_element` (one element per graph
+    drawn from the group's uniform measure: the data-augmentation baseline). Orbits compose with
+    ``*`` into a :class:`ProductOrbit` whose candidates are all combinations (one joint softmax).
+    """
+
+    #: whether the orbit needs positions centred per graph (rotations do).
+    needs_centering: bool = False
+
+    def candidates(self, ctx: OrbitContext, generator: Optional[torch.Generator] = None) -> OrbitCandidates:
+        raise NotImplementedError
+
+    def random_element(self, ctx: OrbitContext, generator: Optional[torch.Generator] = None) -> OrbitCandidates:
+        raise NotImplementedError
+
+    def __mul__(self, other: "Orbit") -> "ProductOrbit":
+        left = self.orbits if isinstance(self, ProductOrbit) else [self]
+        right = other.orbits if isinstance(other, ProductOrbit) else [other]
+        return ProductOrbit(left + right)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self._repr_args().items())
+        return f"{self.__class__.__name__}({args})"
+
+    def _repr_args(self) -> dict:
+        return {}
+
+
+class ProductOrbit(Orbit):
+    """Product of orbits acting on different factors (e.g. species permutations × SO(3)).
+
+    The candidate set is the Cartesian product of the members' candidates; the estimator forms
+    one joint softmax per graph over all combinations, and ``log nu`` adds up.
+
+    Example:
+        >>> from orbit_pyg.orbits import SO3, SpeciesPermutation
+        >>> orbit = SpeciesPermutation(max_candidates=50) * SO3(num_candidates=200)
+        >>> orbit
+        ProductOrbit(SpeciesPermutation(key='z', max_candidates=50, proposal='uniform'), SO3(num_candidates=200, proposal='uniform'))
+    """
+
+    def __init__(self, orbits: list[Orbit]):
+        if not orbits:
+            raise ValueError("ProductOrbit needs at least one orbit")
+        self.orbits = list(orbits)
+        self.needs_centering = any(o.needs_centering for o in self.orbits)
+
+    def candidates(self, ctx, generator=None):
+        out = self.orbits[0].candidates(ctx, generator)
+        for orbit in self.orbits[1:]:
+            out = out.combine(orbit.candidates(ctx, generator))
+        return out
+
+    def random_element(self, ctx, generator=None):
+        out = self.orbits[0].random_element(ctx, generator)
+        for orbit in self.orbits[1:]:
+            out = out.combine(orbit.random_element(ctx, generator))
+        return out
+
+    def __repr__(self) -> str:
+        return f"ProductOrbit({', '.join(repr(o) for o in self.orbits)})"
+
+
+def apply_element(cands: OrbitCandidates, x0: Tensor, batch: Tensor) -> Tensor:
+    """Positions under the first joint candidate of ``cands`` (used with :meth:`Orbit.random_element`)."""
+    return cands.materialize(x0, batch, torch.zeros(1, dtype=torch.long, device=x0.device))[0]
