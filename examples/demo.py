@@ -1,0 +1,191 @@
+"""The main job: Orbit Diffusion on real molecules, side by side with plain training and augmentation.
+
+Molecules: the G2 set shipped with ASE (``ase.collections.g2``, experimental geometries), those
+with at least four atoms, split into train / validation with a fixed seed. Orbit: species
+permutations × SO(3) (up to 50 × 200 candidates per molecule), VP cosine schedule, eps target.
+
+1. For a few noise levels, prints the effective sample size of the uniform and guided proposals
+   and the total gradient variance of a fixed small non-equivariant denoiser for the plain,
+   augment and orbit targets; writes a PNG of gradient variance vs noise level.
+2. Trains the same denoiser with augment and with orbit targets (same seed, same steps) and prints
+   the validation loss curve: eps-MSE on randomly rotated validation molecules, the same metric
+   for both.
+
+Run: ``make demo`` (or ``python examples/demo.py --quick`` for a smoke run).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import time
+
+import torch
+from torch_geometric.data import Batch, Data
+
+from orbit_pyg import OrbitDiffusionLoss, SO3, SpeciesPermutation, VPSchedule
+from orbit_pyg.diagnostics import ess_summary, gradient_variance
+from orbit_pyg.nn import PositionTransformer
+
+
+def load_g2(min_atoms: int = 4) -> list[Data]:
+    """G2 molecules from ASE as PyG ``Data`` (``z``, ``pos`` in Å), sorted by name."""
+    from ase.collections import g2
+
+    out = []
+    for name in sorted(g2.names):
+        atoms = g2[name]
+        if len(atoms) < min_atoms:
+            continue
+        out.append(Data(z=torch.tensor(atoms.numbers, dtype=torch.long),
+                        pos=torch.tensor(atoms.positions, dtype=torch.float32), name=name))
+    return out
+
+
+def split(data: list[Data], val_fraction: float = 0.2, seed: int = 0) -> tuple[list[Data], list[Data]]:
+    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = max(1, int(len(data) * val_fraction))
+    return [data[i] for i in perm[n_val:]], [data[i] for i in perm[:n_val]]
+
+
+def make_loss(mode: str, proposal: str = "uniform", rotations: int = 200, perms: int = 50) -> OrbitDiffusionLoss:
+    orbit = SpeciesPermutation(max_candidates=perms, proposal=proposal) * SO3(rotations, proposal=proposal)
+    return OrbitDiffusionLoss(VPSchedule("cosine", num_steps=1000), orbit=orbit, mode=mode, parameterization="eps", center=True)
+
+
+def variance_table(batch: Batch, model: torch.nn.Module, times: list[float], draws: int, rotations: int) -> dict:
+    """ESS and gradient variance per noise level, for a fixed model and batch."""
+    sched = VPSchedule("cosine")
+    rows = {"t": times, "noise_to_signal": [], "ess_uniform": [], "ess_guided": [], "var_plain": [], "var_augment": [],
+            "var_orbit": [], "var_orbit_guided": []}
+    b = batch.num_graphs
+    for t in times:
+        tt = torch.full((b,), t, dtype=torch.float64)
+        rows["noise_to_signal"].append(float(sched.sigma(tt[:1]) / sched.alpha(tt[:1])))
+        variants = {"plain": ("plain", "uniform"), "augment": ("augment", "uniform"),
+                    "orbit": ("orbit", "uniform"), "orbit_guided": ("orbit", "guided")}
+        for key, (mode, proposal) in variants.items():
+            loss = make_loss(mode, proposal, rotations)
+            fn = functools.partial(loss_at_time, loss, t=tt)
+            rows[f"var_{key}"].append(gradient_variance(fn, model, batch, num_draws=draws, seed=1)["total_variance"])
+            if mode == "orbit":
+                noisy = loss.corrupt(batch, torch.Generator().manual_seed(2), t=tt)
+                rows["ess_uniform" if proposal == "uniform" else "ess_guided"].append(ess_summary(noisy.ess)["mean"])
+    return rows
+
+
+def loss_at_time(loss: OrbitDiffusionLoss, model, data, generator, t):
+    """The loss at fixed times ``t`` (one per graph): isolates the variance at one noise level."""
+    noisy = loss.corrupt(data, generator, t=t)
+    return loss.criterion(model(noisy.xt, noisy.t, data), noisy)
+
+
+@torch.no_grad()
+def validation_loss(model, val: Batch, times: torch.Tensor, seed: int = 123) -> float:
+    """eps-MSE on randomly rotated validation molecules at fixed times (identical for every run)."""
+    loss = make_loss("augment")
+    g = torch.Generator().manual_seed(seed)
+    total = 0.0
+    for t in times:
+        noisy = loss.corrupt(val, g, t=torch.full((val.num_graphs,), float(t), dtype=torch.float64))
+        total += float(loss.criterion(model(noisy.xt, noisy.t, val), noisy))
+    return total / len(times)
+
+
+def train(mode: str, train_set: list[Data], val: Batch, steps: int, batch_size: int, seed: int, proposal: str,
+          hidden: int, eval_every: int) -> list[tuple[int, float]]:
+    torch.manual_seed(seed)
+    model = PositionTransformer(hidden=hidden, num_layers=2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = make_loss(mode, proposal)
+    g = torch.Generator().manual_seed(seed)
+    eval_times = torch.linspace(0.05, 0.95, 8)
+    curve = [(0, validation_loss(model, val, eval_times))]
+    for step in range(1, steps + 1):
+        idx = torch.randint(0, len(train_set), (batch_size,), generator=g).tolist()
+        batch = Batch.from_data_list([train_set[i] for i in idx])
+        loss = loss_fn(model, batch, generator=g)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % eval_every == 0 or step == steps:
+            curve.append((step, validation_loss(model, val, eval_times)))
+    return curve
+
+
+def plot(rows: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    x = rows["noise_to_signal"]
+    for key, label in [("var_plain", "plain"), ("var_augment", "augment"), ("var_orbit", "orbit (uniform)"),
+                       ("var_orbit_guided", "orbit (guided)")]:
+        ax.plot(x, rows[key], marker="o", label=label)
+    ax.set_xscale("log"); ax.set_yscale("log")
+    ax.set_xlabel("noise-to-signal ratio sigma_t / alpha_t")
+    ax.set_ylabel("total gradient variance")
+    ax.set_title("G2 molecules, PositionTransformer, eps target")
+    ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke run (seconds)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--out", default="outputs")
+    args = p.parse_args(argv)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    steps = args.steps or (20 if args.quick else 300)
+    draws = 6 if args.quick else 24
+    times = [0.02, 0.1, 0.3, 0.6] if args.quick else [0.01, 0.03, 0.1, 0.2, 0.4, 0.6, 0.8]
+
+    data = load_g2()
+    train_set, val_set = split(data)
+    val = Batch.from_data_list(val_set)
+    print(f"G2 molecules with >= 4 atoms: {len(data)} ({len(train_set)} train / {len(val_set)} validation)")
+
+    t0 = time.time()
+    probe = Batch.from_data_list(train_set[:16])
+    model = PositionTransformer(hidden=32, num_layers=1)
+    rows = variance_table(probe, model, times, draws, rotations=200)
+    print(f"\n1) Estimator health and gradient variance (16 molecules, {draws} draws; {time.time() - t0:.0f} s)")
+    print(f"{'t':>5} {'sigma/alpha':>11} {'ESS unif':>9} {'ESS guid':>9} {'var plain':>10} {'var aug':>10} {'var orbit':>10} {'orbit/aug':>9} {'guided/aug':>10}")
+    for i, t in enumerate(times):
+        print(f"{t:5.2f} {rows['noise_to_signal'][i]:11.4f} {rows['ess_uniform'][i]:9.1f} {rows['ess_guided'][i]:9.1f} "
+              f"{rows['var_plain'][i]:10.3g} {rows['var_augment'][i]:10.3g} {rows['var_orbit'][i]:10.3g} "
+              f"{rows['var_orbit'][i] / rows['var_augment'][i]:9.3f} {rows['var_orbit_guided'][i] / rows['var_augment'][i]:10.3f}")
+    png = os.path.join(args.out, "variance_vs_noise.png")
+    plot(rows, png)
+    print(f"wrote {png}")
+
+    print(f"\n2) Training a PositionTransformer for {steps} steps (batch 32): validation eps-MSE")
+    curves = {}
+    for mode in ("augment", "orbit"):
+        t0 = time.time()
+        curves[mode] = train(mode, train_set, val, steps, 32, seed=0, proposal="guided" if mode == "orbit" else "uniform",
+                             hidden=64, eval_every=max(1, steps // 10))
+        print(f"  {mode:8s} ({time.time() - t0:.0f} s): " + "  ".join(f"{s}:{v:.3f}" for s, v in curves[mode]))
+    summary = {
+        "sigmas": rows["noise_to_signal"],
+        "ess_uniform": rows["ess_uniform"],
+        "ess_guided": rows["ess_guided"],
+        "grad_var_ratio": [o / a for o, a in zip(rows["var_orbit"], rows["var_augment"])],
+        "final_val_loss": {m: c[-1][1] for m, c in curves.items()},
+    }
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
