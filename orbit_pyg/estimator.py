@@ -127,10 +127,10 @@ def _structured(cands: OrbitCandidates, ctx: OrbitContext) -> OrbitEstimate:
     # log q = (alpha / sigma^2) <A, M_p> - (alpha^2 / 2 sigma^2) ||A x0||^2 + const
     logits = torch.bmm(m.reshape(b, kp, 9), lin.reshape(b, kl, 9).transpose(1, 2))  # [B, Kp, Kl]
     norm = torch.einsum("blki,blkj,bij->bl", lin, lin, s) * (ctx.alpha**2 / (2 * sigma2)).view(b, 1)
-    per_linear = norm if cands.linear_log_nu is None else norm + cands.linear_log_nu
-    logits -= per_linear.unsqueeze(1)
-    if cands.perm_log_nu is not None:
-        logits -= cands.perm_log_nu.unsqueeze(2)
+    linear_offset, perm_offset = cands.factor_offset("linear"), cands.factor_offset("perm")
+    logits -= (norm if linear_offset is None else norm + linear_offset).unsqueeze(1)
+    if perm_offset is not None:
+        logits -= perm_offset.unsqueeze(2)
     mask = _factor_mask(cands.perm_mask, cands.linear_mask)
     if mask is not None:
         logits.masked_fill_(~mask, -torch.inf)

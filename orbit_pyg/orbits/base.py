@@ -65,51 +65,81 @@ class OrbitContext:
 
 @dataclass
 class OrbitCandidates:
-    """Factored candidate set (see module docstring). Unused factors are ``None``."""
+    """Factored candidate set (see module docstring). Unused factors are ``None``.
+
+    Besides ``*_log_nu`` (proposal) and ``*_mask``, a factor may carry ``*_log_lik``
+    (``[B, K_factor]``): extra log-likelihood terms that depend on that factor alone and enter the
+    weight as ``+ log_lik`` — e.g. the lattice kernel ``log q(L_t | P L0)`` of a lattice-permutation
+    candidate, so that one joint softmax covers coordinates and lattice.
+    """
 
     num_graphs: int
     perm: Optional[Tensor] = None  # [Kp, N] long: source node of each node
     perm_log_nu: Optional[Tensor] = None  # [B, Kp] float64
     perm_mask: Optional[Tensor] = None  # [B, Kp] bool
+    perm_log_lik: Optional[Tensor] = None  # [B, Kp] float64
     linear: Optional[Tensor] = None  # [B, Kl, 3, 3] float64
     linear_log_nu: Optional[Tensor] = None
     linear_mask: Optional[Tensor] = None
+    linear_log_lik: Optional[Tensor] = None
     shift: Optional[Tensor] = None  # [B, Ks, 3] float64
     shift_log_nu: Optional[Tensor] = None
     shift_mask: Optional[Tensor] = None
+    shift_log_lik: Optional[Tensor] = None
 
     # --- sizes -------------------------------------------------------------------------------
+    def factor_size(self, kind: str) -> int:
+        """Number of candidates of factor ``kind`` (``"perm"``, ``"linear"``, ``"shift"``); 1 if absent."""
+        value = getattr(self, kind)
+        if value is None:
+            return 1
+        return value.size(0) if kind == "perm" else value.size(1)
+
     @property
     def sizes(self) -> tuple[int, int, int]:
-        kp = 1 if self.perm is None else self.perm.size(0)
-        kl = 1 if self.linear is None else self.linear.size(1)
-        ks = 1 if self.shift is None else self.shift.size(1)
-        return kp, kl, ks
+        return tuple(self.factor_size(k) for k in _KINDS)
 
     @property
     def num_candidates(self) -> int:
         kp, kl, ks = self.sizes
         return kp * kl * ks
 
-    def _factor(self, log_nu: Optional[Tensor], mask: Optional[Tensor], like: Tensor, k: int):
-        b = self.num_graphs
-        if log_nu is None:
-            log_nu = like.new_zeros(b, k, dtype=torch.float64)
-        if mask is None:
-            mask = torch.ones(b, k, dtype=torch.bool, device=like.device)
-        return log_nu, mask
+    def factor_offset(self, kind: str) -> Optional[Tensor]:
+        """``log nu - log_lik`` of factor ``kind`` (``[B, k]`` float64), subtracted from the logits; ``None`` if zero."""
+        log_nu, log_lik = getattr(self, kind + "_log_nu"), getattr(self, kind + "_log_lik")
+        if log_lik is None:
+            return log_nu
+        return -log_lik if log_nu is None else log_nu - log_lik
+
+    def _filled(self, kind: str, suffix: str, device) -> Tensor:
+        value = getattr(self, kind + suffix)
+        if value is not None:
+            return value
+        shape = (self.num_graphs, self.factor_size(kind))
+        if suffix == "_mask":
+            return torch.ones(shape, dtype=torch.bool, device=device)
+        return torch.zeros(shape, dtype=torch.float64, device=device)
 
     def joint_log_nu_and_mask(self, device) -> tuple[Tensor, Tensor]:
-        """``log nu`` and mask of every joint candidate, ``[B, Kp, Kl, Ks]``."""
-        kp, kl, ks = self.sizes
+        """Offset (``log nu - log_lik``) and mask of every joint candidate, ``[B, Kp, Kl, Ks]``."""
         b = self.num_graphs
-        like = torch.empty(0, device=device)
-        lp, mp = self._factor(self.perm_log_nu, self.perm_mask, like, kp)
-        ll, ml = self._factor(self.linear_log_nu, self.linear_mask, like, kl)
-        ls, ms = self._factor(self.shift_log_nu, self.shift_mask, like, ks)
-        log_nu = lp.view(b, kp, 1, 1) + ll.view(b, 1, kl, 1) + ls.view(b, 1, 1, ks)
-        mask = mp.view(b, kp, 1, 1) & ml.view(b, 1, kl, 1) & ms.view(b, 1, 1, ks)
-        return log_nu, mask
+        offset = torch.zeros((b, 1, 1, 1), dtype=torch.float64, device=device)
+        mask = torch.ones((b, 1, 1, 1), dtype=torch.bool, device=device)
+        for axis, kind in enumerate(_KINDS):
+            shape = [b, 1, 1, 1]
+            shape[axis + 1] = self.factor_size(kind)
+            off = self.factor_offset(kind)
+            if off is not None:
+                offset = offset + off.view(shape)
+            mask = mask & self._filled(kind, "_mask", device).view(shape)
+        return offset.expand(b, *self.sizes), mask.expand(b, *self.sizes)
+
+    def marginal_weights(self, weights: Tensor, kind: str) -> Tensor:
+        """Sum joint weights ``[B, K]`` over the other factors: ``[B, K_kind]``."""
+        b = self.num_graphs
+        axis = _KINDS.index(kind) + 1
+        joint = weights.view(b, *self.sizes)
+        return joint.sum(dim=[d for d in (1, 2, 3) if d != axis])
 
     # --- positions ---------------------------------------------------------------------------
     def permuted(self, x0: Tensor) -> Tensor:
@@ -138,24 +168,29 @@ class OrbitCandidates:
     def combine(self, other: "OrbitCandidates") -> "OrbitCandidates":
         """Product of two candidate sets: every pair ``g ∘ h``, factor by factor."""
         out = replace(self)
-        for kind in ("perm", "linear", "shift"):
+        for kind in _KINDS:
             mine, theirs = getattr(self, kind), getattr(other, kind)
             if theirs is None:
                 continue
             if mine is None:
-                for suffix in ("", "_log_nu", "_mask"):
+                for suffix in _SUFFIXES:
                     setattr(out, kind + suffix, getattr(other, kind + suffix))
                 continue
             setattr(out, kind, _compose(kind, mine, theirs))
-            b = self.num_graphs
-            k1 = mine.size(0) if kind == "perm" else mine.size(1)
-            k2 = theirs.size(0) if kind == "perm" else theirs.size(1)
-            like = mine if kind != "perm" else torch.empty(0, device=mine.device)
-            l1, m1 = self._factor(getattr(self, kind + "_log_nu"), getattr(self, kind + "_mask"), like, k1)
-            l2, m2 = other._factor(getattr(other, kind + "_log_nu"), getattr(other, kind + "_mask"), like, k2)
-            setattr(out, kind + "_log_nu", (l1.unsqueeze(2) + l2.unsqueeze(1)).reshape(b, k1 * k2))
-            setattr(out, kind + "_mask", (m1.unsqueeze(2) & m2.unsqueeze(1)).reshape(b, k1 * k2))
+            b, k1, k2 = self.num_graphs, self.factor_size(kind), other.factor_size(kind)
+            for suffix in _SUFFIXES[1:]:
+                a, c = getattr(self, kind + suffix), getattr(other, kind + suffix)
+                if a is None and c is None:
+                    continue
+                a = self._filled(kind, suffix, mine.device)
+                c = other._filled(kind, suffix, mine.device)
+                joint = (a.unsqueeze(2) & c.unsqueeze(1)) if suffix == "_mask" else (a.unsqueeze(2) + c.unsqueeze(1))
+                setattr(out, kind + suffix, joint.reshape(b, k1 * k2))
         return out
+
+
+_KINDS = ("perm", "linear", "shift")
+_SUFFIXES = ("", "_log_nu", "_mask", "_log_lik")
 
 
 def _compose(kind: str, a: Tensor, b: Tensor) -> Tensor:
