@@ -29,25 +29,7 @@ from orbit_pyg import OrbitDiffusionLoss, SO3, SpeciesPermutation, VPSchedule
 from orbit_pyg.diagnostics import ess_summary, gradient_variance
 from orbit_pyg.nn import PositionTransformer
 
-
-def load_g2(min_atoms: int = 4) -> list[Data]:
-    """G2 molecules from ASE as PyG ``Data`` (``z``, ``pos`` in Å), sorted by name."""
-    from ase.collections import g2
-
-    out = []
-    for name in sorted(g2.names):
-        atoms = g2[name]
-        if len(atoms) < min_atoms:
-            continue
-        out.append(Data(z=torch.tensor(atoms.numbers, dtype=torch.long),
-                        pos=torch.tensor(atoms.positions, dtype=torch.float32), name=name))
-    return out
-
-
-def split(data: list[Data], val_fraction: float = 0.2, seed: int = 0) -> tuple[list[Data], list[Data]]:
-    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = max(1, int(len(data) * val_fraction))
-    return [data[i] for i in perm[n_val:]], [data[i] for i in perm[:n_val]]
+from g2_molecules import load_g2, split
 
 
 def make_loss(mode: str, proposal: str = "uniform", rotations: int = 200, perms: int = 50) -> OrbitDiffusionLoss:

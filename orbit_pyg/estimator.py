@@ -163,29 +163,34 @@ def _materialized(cands: OrbitCandidates, ctx: OrbitContext, target: str, chunk_
         raise ValueError(f"`chunk_size` must be >= 1, got {chunk_size}")
     log_nu, mask = cands.joint_log_nu_and_mask(device)
     log_nu, mask = log_nu.reshape(b, k), mask.reshape(b, k)
-    xt = ctx.xt.to(torch.float64)
-    alpha = ctx.alpha[ctx.batch].view(n, 1)
-    sigma = ctx.sigma.clamp(min=1e-12)[ctx.batch].view(n, 1)
+    # Per-atom kernel terms in the input dtype (the candidates that carry weight have O(1) terms);
+    # per-graph logits and the running sums in float64.
+    dtype = ctx.x0.dtype
+    xt = ctx.xt.to(dtype)
+    alpha = ctx.alpha[ctx.batch].view(n, 1).to(dtype)
+    sigma = ctx.sigma.clamp(min=1e-12)[ctx.batch].view(n, 1).to(dtype)
     logits = torch.empty(b, k, dtype=torch.float64, device=device)
     running_max = None
     acc = torch.zeros(n, 3, dtype=torch.float64, device=device)
     for start in range(0, k, chunk):
         flat = torch.arange(start, min(start + chunk, k), device=device)
-        pos = cands.materialize(ctx.x0.to(torch.float64), ctx.batch, flat)  # [C, N, 3]
-        lp = ctx.kernel.log_prob_terms(xt, pos, alpha, sigma).sum(-1)  # [C, N]
-        lg = sum_per_graph(lp, ctx.batch, b).t() - log_nu[:, flat]  # [B, C]
+        pos = cands.materialize(ctx.x0, ctx.batch, flat)  # [C, N, 3]
+        if target == "score":
+            terms, phi = ctx.kernel.log_prob_and_score(xt, pos, alpha, sigma)
+        else:
+            terms, phi = ctx.kernel.log_prob_terms(xt, pos, alpha, sigma), pos
+        lg = sum_per_graph(terms.sum(-1).to(torch.float64), ctx.batch, b).t() - log_nu[:, flat]  # [B, C]
         lg = torch.where(mask[:, flat], lg, -torch.inf)
         logits[:, flat] = lg
         # candidate 0 (identity, always valid) sits in the first chunk, so the max is finite
         chunk_max = lg.max(dim=1).values
         new_max = chunk_max if running_max is None else torch.maximum(running_max, chunk_max)
         if running_max is not None:
-            acc = acc * torch.exp(running_max - new_max)[ctx.batch].view(n, 1)
+            acc *= torch.exp(running_max - new_max)[ctx.batch].view(n, 1)
         running_max = new_max
         w = torch.exp(lg - new_max.view(b, 1))  # [B, C], unnormalized
-        phi = pos if target == "x0" else ctx.kernel.score(xt, pos, alpha, sigma)
-        acc = acc + torch.einsum("nc,cnd->nd", w[ctx.batch], phi)
+        acc += torch.einsum("nc,cnd->nd", w[ctx.batch].to(dtype), phi).to(torch.float64)
     w, ess = _softmax(logits)
     total = torch.exp(logits - running_max.view(b, 1)).sum(1)  # sum of exp(lg - max)
     out = acc / total[ctx.batch].view(n, 1)
-    return OrbitEstimate(out.to(ctx.x0.dtype), w, ess, target)
+    return OrbitEstimate(out.to(dtype), w, ess, target)
