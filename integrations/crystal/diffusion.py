@@ -247,7 +247,7 @@ class CrystalDiffusionLoss(nn.Module):
                 if self._lattice is not None and cands.linear is not None:
                     w = cands.marginal_weights(est.weights, "linear")  # [B, Kl]
                     mix = torch.einsum("bl,blij->bij", w, cands.linear)
-                    cell_hat = (mix @ cell.to(torch.float64)).to(cell.dtype)
+                    cell_hat = (mix.transpose(-1, -2) @ cell.to(torch.float64)).to(cell.dtype)
                     eps_l = (cell_t - a_l * cell_hat) / s_l
             else:
                 score = kernel.score(frac_t, frac, None, sig_n)
@@ -263,7 +263,7 @@ class CrystalDiffusionLoss(nn.Module):
         loss_l = ((lattice_out - noisy.lattice_target) ** 2).mean()
         loss_f = ((coord_out - noisy.coord_target) ** 2).mean()
         loss = self.lattice_weight * loss_l + self.coord_weight * loss_f
-        return loss, {"loss_lattice": float(loss_l), "loss_coord": float(loss_f), "ess": float(noisy.ess.mean())}
+        return loss, {"loss_lattice": loss_l.item(), "loss_coord": loss_f.item(), "ess": float(noisy.ess.mean())}
 
     def forward(self, model: Callable, data: Any, generator: Optional[torch.Generator] = None) -> tuple[Tensor, dict]:
         noisy = self.corrupt(data, generator)
