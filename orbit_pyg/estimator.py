@@ -158,7 +158,7 @@ def default_chunk_size(num_nodes: int) -> int:
 def _materialized(cands: OrbitCandidates, ctx: OrbitContext, target: str, chunk_size: Optional[int]) -> OrbitEstimate:
     b, k, n = ctx.num_graphs, cands.num_candidates, ctx.x0.size(0)
     device = ctx.x0.device
-    chunk = int(chunk_size or default_chunk_size(n))
+    chunk = default_chunk_size(n) if chunk_size is None else int(chunk_size)
     if chunk < 1:
         raise ValueError(f"`chunk_size` must be >= 1, got {chunk_size}")
     log_nu, mask = cands.joint_log_nu_and_mask(device)

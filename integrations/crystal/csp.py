@@ -142,7 +142,7 @@ def generate(
     :func:`~.metrics.csp_metrics` or :func:`~.convert.data_to_structure`.
     """
     diffusion = make_diffusion(cfg)
-    sampler = PredictorCorrector(model, diffusion, num_steps=num_steps or cfg.sample_steps,
+    sampler = PredictorCorrector(model, diffusion, num_steps=cfg.sample_steps if num_steps is None else num_steps,
                                  step_lr=cfg.step_lr if step_lr is None else step_lr)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)

@@ -63,7 +63,7 @@ class PredictorCorrector:
         eta: float = 1.0,
     ):
         self.model, self.diffusion = model, diffusion
-        self.num_steps = int(num_steps or diffusion.num_steps)
+        self.num_steps = int(diffusion.num_steps if num_steps is None else num_steps)
         self.grid = step_grid(self.num_steps, diffusion.num_steps)
         self.step_lr, self.eta = float(step_lr), float(eta)
 

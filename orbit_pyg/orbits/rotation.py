@@ -183,8 +183,7 @@ class SO3(Orbit):
         if self.proposal == "uniform":
             return haar, haar.new_zeros(b, k)
         center, s = kabsch(m)
-        precision = scale * (s[:, 1] + s[:, 2]).clamp(min=0)
-        tau = (self.width / precision.sqrt()).nan_to_num(self.tau_max).clamp(max=self.tau_max, min=1e-300)
+        tau = self._tau(s, scale)
         omega = torch.randn(b, k, 3, generator=generator, dtype=torch.float64, device=m.device)
         omega = omega * tau.view(b, 1, 1)
         guided = center.unsqueeze(1) @ axis_angle_to_matrix(omega)
@@ -211,9 +210,16 @@ class SO3(Orbit):
         if self.proposal == "uniform":
             return m.new_zeros(m.size(0))
         center, s = kabsch(m)
-        precision = scale * (s[:, 1] + s[:, 2]).clamp(min=0)
-        tau = (self.width / precision.sqrt()).nan_to_num(self.tau_max).clamp(max=self.tau_max, min=1e-300)
-        return self._mixture_log_density(rotation_angle(center), tau)
+        return self._mixture_log_density(rotation_angle(center), self._tau(s, scale))
+
+    def _tau(self, s: Tensor, scale: Tensor) -> Tensor:
+        """``width / sqrt(scale (s_2 + s_3))`` clipped to ``(0, tau_max]``; ``tau_max`` where the precision
+        is not positive (a flat posterior, e.g. ``M = 0`` for a single-atom graph, whose SVD can return
+        ``-0.0`` singular values: ``1 / sqrt(-0.0) = -inf`` must not reach the density)."""
+        precision = scale * (s[:, 1] + s[:, 2])
+        flat = ~(precision > 0)
+        tau = self.width / torch.where(flat, torch.ones_like(precision), precision).sqrt()
+        return torch.where(flat, torch.full_like(tau, self.tau_max), tau).clamp(min=1e-300, max=self.tau_max)
 
     def _moment(self, ctx: OrbitContext) -> tuple[Tensor, Tensor]:
         if ctx.xt is None or ctx.alpha is None or ctx.sigma is None:
@@ -258,11 +264,12 @@ class O3(SO3):
         log_nu = torch.cat([self._identity_log_nu(m, scale).unsqueeze(1), nu_p, nu_m], 1)
         # The two components were sampled in fixed shares; weight each by its share so that the
         # joint density is a proper mixture over O(3) (Haar on O(3) puts 1/2 on each component).
-        k_all = k_proper + k_improper
-        if k_proper > 0:
-            log_nu[:, 1 : 1 + k_proper] += math.log(2 * k_proper / k_all)
+        # The identity counts as a draw of the proper component (it is scored with the proper
+        # density), so the proper share is (1 + k_proper) / K: with a flat likelihood and uniform
+        # proposals every candidate then gets the same weight.
+        k_all = 1 + k_proper + k_improper
+        log_nu[:, : 1 + k_proper] += math.log(2 * (1 + k_proper) / k_all)
         log_nu[:, 1 + k_proper :] += math.log(2 * k_improper / k_all)
-        log_nu[:, 0] += math.log(2 * max(k_proper, 1) / k_all)
         return OrbitCandidates(b, linear=linear, linear_log_nu=log_nu)
 
     def random_element(self, ctx: OrbitContext, generator=None) -> OrbitCandidates:

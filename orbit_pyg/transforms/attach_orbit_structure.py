@@ -22,8 +22,9 @@ class AttachOrbitStructure(BaseTransform):
       ``-1`` pads graphs with fewer than ``A = max_permutations`` elements. Local indices need no
       offset when PyG batches (the key has no ``index`` in it, so PyG does not shift it);
       :class:`~orbit_pyg.orbits.ExplicitPermutations` turns them into batch indices with ``ptr``.
-      Groups larger than ``A`` keep the identity and the first ``A - 1`` others (a warning-free
-      truncation: pass a larger ``A`` or sample upstream if that matters).
+      Repeated permutations are listed once. Groups larger than ``A`` keep the identity and the
+      first ``A - 1`` others (a warning-free truncation: pass a larger ``A`` or sample upstream if
+      that matters).
     * ``orbit_log_order`` ``[1]`` (float): ``log |G|`` of the species-permutation group
       ``prod_c n_c!``, useful to decide between enumeration and sampling.
 
@@ -58,13 +59,24 @@ class AttachOrbitStructure(BaseTransform):
             perms = torch.arange(n).view(1, n)
         else:
             raw = source(data) if callable(source) else getattr(data, source)
-            perms = torch.as_tensor(raw, dtype=torch.long).reshape(-1, n) if len(raw) else torch.arange(n).view(1, n)
+            try:
+                perms = torch.as_tensor(raw, dtype=torch.long) if len(raw) else torch.arange(n).view(1, n)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"permutations must be a list of equal-length index lists or an [A, {n}] tensor: {err}") from None
+            if perms.dim() == 1:  # a single permutation
+                perms = perms.view(1, -1)
+            if perms.dim() != 2 or perms.size(1) != n:
+                raise ValueError(f"permutations must have shape [A, {n}] (one entry per node), got {list(perms.shape)}")
         ident = torch.arange(n)
-        if perms.size(1) != n:
-            raise ValueError(f"permutations must have {n} entries (one per node), got {perms.size(1)}")
         if bool(((perms < 0) | (perms >= n)).any()) or bool((perms.sort(1).values != ident).any()):
             raise ValueError("each permutation must be a rearrangement of range(num_nodes)")
         others = perms[(perms != ident).any(1)]
+        if others.size(0) > 1:  # list each element once (ExplicitPermutations weighs every column)
+            _, inverse = torch.unique(others, dim=0, return_inverse=True)
+            first = torch.full((int(inverse.max()) + 1,), others.size(0)).scatter_reduce(
+                0, inverse, torch.arange(others.size(0)), "amin"
+            )
+            others = others[first.sort().values]
         return torch.cat([ident.view(1, n), others])[: self.max_permutations]
 
     def forward(self, data: Data) -> Data:

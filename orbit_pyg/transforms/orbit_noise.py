@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
+from torch.utils.data import get_worker_info
 from torch_geometric.data import Data
 from torch_geometric.data.datapipes import functional_transform
 from torch_geometric.transforms import BaseTransform
@@ -49,13 +50,28 @@ class _NoiseBase(BaseTransform):
             raise ValueError("the noisy positions must not overwrite the clean ones: choose another `xt` key")
         self.generator = generator
 
+    def _generator(self) -> Optional[torch.Generator]:
+        """``self.generator``, except inside a ``DataLoader`` worker: there a copy of the generator
+        would repeat the same stream in every worker and every epoch, so each worker draws from its
+        own generator seeded with ``initial_seed ^ worker seed`` (the worker seed derives from the main
+        process's RNG per epoch, so runs stay reproducible under ``torch.manual_seed``)."""
+        info = get_worker_info()
+        if self.generator is None or info is None:
+            return self.generator
+        key = (info.id, info.seed)
+        if getattr(self, "_worker_key", None) != key:
+            gen = torch.Generator(device=self.generator.device)
+            gen.manual_seed((self.generator.initial_seed() ^ info.seed) % 2**64)
+            self._worker_key, self._worker_generator = key, gen
+        return self._worker_generator
+
     def forward(self, data: Any) -> Any:
-        return write_noisy(data, self.loss.corrupt(data, self.generator), self.keys)
+        return write_noisy(data, self.loss.corrupt(data, self._generator()), self.keys)
 
     def __repr__(self) -> str:
         l = self.loss
         return (f"{self.__class__.__name__}(schedule={l.schedule!r}, orbit={l.orbit!r}, mode={l.mode!r}, "
-                f"parameterization={l.parameterization!r}, kernel={l.kernel!r})")
+                f"parameterization={l.parameterization!r}, kernel={l.kernel!r}, pos_key={l.pos_key!r})")
 
 
 @functional_transform("orbit_noise")
@@ -72,8 +88,10 @@ class OrbitNoise(_NoiseBase):
     ``ess`` ``[1]`` and ``x0`` ``[n, 3]`` (the centred / augmented clean positions ``x_t`` was made
     from). Per-graph ``t`` and ``ess`` concatenate to ``[B]`` in a batch.
 
-    Runs inside ``DataLoader`` workers; each worker draws from its own seeded global RNG unless a
-    ``generator`` is given. For whole batches on the training device use :class:`BatchedOrbitNoise`.
+    Runs inside ``DataLoader`` workers; each worker draws from its own seeded global RNG, or, when a
+    ``generator`` is given, from a per-worker generator seeded from it and the worker's seed (so
+    workers and epochs never repeat each other's noise). For whole batches on the training device
+    use :class:`BatchedOrbitNoise`.
 
     Example:
         >>> import torch
