@@ -116,6 +116,7 @@ def fmt(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
 
 def main(argv=None) -> dict:
     from orbit_pyg.integrations.crystal.csp import CSPConfig, evaluate, generate, train_csp
+    from orbit_pyg.io import atomic_write_json
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run (a minute or two)")
@@ -208,10 +209,7 @@ def main(argv=None) -> dict:
         "fewer_sampler_steps": fewer,
         "config": {**base, "seeds": args.seeds, "n_test": len(test)},
     }
-    tmp = os.path.join(args.out, "summary.json.tmp")
-    with open(tmp, "w") as fh:
-        json.dump({"results": results, **summary}, fh, indent=2)
-    os.replace(tmp, os.path.join(args.out, "summary.json"))
+    atomic_write_json(os.path.join(args.out, "summary.json"), {"results": results, **summary})
     print(json.dumps(summary))
     return summary
 

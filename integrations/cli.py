@@ -18,6 +18,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from orbit_pyg.io import atomic_save, atomic_write_json
+
 DEFAULT_ROOT = os.path.join(os.path.expanduser("~"), ".cache", "orbit_pyg", "crystal")
 
 
@@ -77,7 +79,7 @@ def _train(args) -> int:
     ds, split = _dataset(args)
     train = [ds[int(i)] for i in split.train]
     os.makedirs(args.out, exist_ok=True)
-    _write_json(os.path.join(args.out, "data.json"), {"data": args.data, "name": args.name, "split": args.split,
+    atomic_write_json(os.path.join(args.out, "data.json"), {"data": args.data, "name": args.name, "split": args.split,
                                                       "root": args.root, "n_test": args.n_test, "split_seed": args.split_seed})
     print(f"training {cfg.mode} on {len(train)} crystals for {cfg.steps} steps -> {args.out}")
     _, history = train_csp(train, cfg, out_dir=args.out, progress=not args.quiet)
@@ -87,8 +89,6 @@ def _train(args) -> int:
 
 
 def _sample(args) -> int:
-    import torch
-
     from .crystal import write_csp_results
     from .crystal.csp import generate, load_model
 
@@ -100,9 +100,8 @@ def _sample(args) -> int:
     generated = generate(model, refs, cfg, seed=args.seed, num_steps=args.num_steps, step_lr=args.step_lr)
     out = args.out or os.path.join(args.run, "samples")
     os.makedirs(out, exist_ok=True)
-    tmp = os.path.join(out, "samples.pt.tmp")
-    torch.save({"generated": generated, "reference_indices": split.test[: args.limit].tolist()}, tmp)
-    os.replace(tmp, os.path.join(out, "samples.pt"))
+    atomic_save({"generated": generated, "reference_indices": split.test[: args.limit].tolist()},
+                os.path.join(out, "samples.pt"))
     write_csp_results(out, generated, None, names=[str(getattr(r, "material_id", i)) for i, r in enumerate(refs)])
     print(f"wrote {len(generated)} CIFs to {out}")
     return 0
@@ -137,13 +136,6 @@ def _restore_data_args(args) -> None:
     for key, default in DATA_DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, saved.get(key, default))
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2)
-    os.replace(tmp, path)
 
 
 def build_parser() -> argparse.ArgumentParser:

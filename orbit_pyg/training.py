@@ -58,7 +58,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 import time
 import warnings
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
@@ -66,6 +65,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from .io import atomic_open, atomic_save
 
 __all__ = [
     "Trainer",
@@ -216,58 +217,6 @@ def loss_scale(local_weight: float, total_weight: float, world_size: int) -> flo
 
 
 # --- checkpoints -----------------------------------------------------------------------------
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save(obj, path)`` that never leaves ``path`` half-written.
-
-    Writes to a temporary file ``.<name>.<random>.tmp`` in the same folder, flushes and fsyncs
-    it, then ``os.replace``-s it onto ``path`` (atomic on POSIX) and fsyncs the folder. If
-    anything fails, the temporary file is removed and ``path`` keeps its previous content; a
-    process killed mid-write leaves only a stale ``.tmp`` file, which :class:`Trainer` deletes.
-
-    Example:
-        >>> import tempfile, os
-        >>> with tempfile.TemporaryDirectory() as d:
-        ...     atomic_save({"a": 1}, os.path.join(d, "x.pt"))
-        ...     print(torch.load(os.path.join(d, "x.pt"))["a"], os.listdir(d))
-        1 ['x.pt']
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with contextlib.suppress(OSError):  # mkstemp makes 0600 files; give the usual permissions
-            os.chmod(tmp, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(folder)
-
-
 def _remove_stale_temporaries(folder: str) -> list[str]:
     stale = glob.glob(os.path.join(folder, f".{LAST}.*.tmp")) + glob.glob(os.path.join(folder, f".{BEST}.*.tmp"))
     stale += glob.glob(os.path.join(folder, f".{METRICS_FILE}.*.tmp"))
@@ -679,14 +628,8 @@ class Trainer:
             self._log_file = open(path, "w")
             return
         kept = [r for r in read_metrics(path) if int(r["step"]) <= keep_until]
-        fd, tmp = tempfile.mkstemp(dir=self.out_dir, prefix=f".{METRICS_FILE}.", suffix=".tmp")
-        with contextlib.suppress(OSError):
-            os.chmod(tmp, 0o666 & ~_umask())
-        with os.fdopen(fd, "w") as f:
+        with atomic_open(path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
         self._log_file = open(path, "a")
 
     def _emit(self, record: dict) -> None:

@@ -28,6 +28,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch_geometric.data import Batch, Data
 
+from orbit_pyg.io import atomic_write_json
 from orbit_pyg.training import Trainer
 
 from .diffusion import CrystalDiffusion, CrystalDiffusionLoss, crystal_orbit
@@ -119,7 +120,7 @@ def train_csp(
     )
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
-        _write_json(os.path.join(out_dir, "config.json"), cfg.to_dict())
+        atomic_write_json(os.path.join(out_dir, "config.json"), cfg.to_dict())
     history = trainer.fit()
     if trainer.ema is not None:
         trainer.ema.copy_to(trainer.model)
@@ -164,13 +165,6 @@ def evaluate(generated: Sequence[Data], references: Sequence[Data], workers: int
     from .metrics import csp_metrics
 
     return csp_metrics(list(generated), list(references), workers=workers)
-
-
-def _write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2, default=str)
-    os.replace(tmp, path)
 
 
 def load_model(run_dir: str) -> tuple[CSPNet, CSPConfig]:

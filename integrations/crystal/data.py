@@ -38,10 +38,12 @@ import tempfile
 import time
 import warnings
 from collections import Counter
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from torch_geometric.data import Data, InMemoryDataset
+
+from orbit_pyg.io import atomic_copy, atomic_save, atomic_write_json
 
 from .convert import CrystalConversionError, structure_to_data
 
@@ -59,59 +61,6 @@ _RESERVED = {
     "z", "frac_coords", "cell", "pos", "lengths", "angles", "num_atoms", "y", "material_id", "x",
     "batch", "ptr", "edge_index", "edge_attr", "num_nodes", "face", "atom_types", "t",
 }
-
-
-# ------------------------------------------------------------------------------------------------
-# atomic writes (shared with metrics)
-
-
-def _atomic_write_bytes(path: str, payload: bytes) -> None:
-    """Write ``payload`` to ``path`` atomically: a temporary file in the same folder, then ``os.replace``."""
-    folder = osp.dirname(osp.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=osp.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if osp.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    _atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def _atomic_torch_save(obj: Any, path: str) -> None:
-    folder = osp.dirname(osp.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=osp.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if osp.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_copy(src: str, dst: str) -> None:
-    folder = osp.dirname(osp.abspath(dst))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=osp.basename(dst) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        if osp.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ------------------------------------------------------------------------------------------------
@@ -330,7 +279,7 @@ class CDVAEDataset(InMemoryDataset):
             finally:
                 shutil.rmtree(tmp_dir, ignore_errors=True)
         else:
-            _atomic_copy(src, dst)
+            atomic_copy(src, dst)
 
     def process(self) -> None:
         from tqdm.auto import tqdm
@@ -367,8 +316,8 @@ class CDVAEDataset(InMemoryDataset):
         else:
             log.info("%s: converted all %d structures in %.1f s", label, len(rows), seconds)
         data, slices = self.collate(data_list)
-        _atomic_write_text(self.processed_paths[1], json.dumps(meta, indent=1))
-        _atomic_torch_save((data.to_dict(), slices, data.__class__), self.processed_paths[0])
+        atomic_write_json(self.processed_paths[1], meta, indent=1)
+        atomic_save((data.to_dict(), slices, data.__class__), self.processed_paths[0])
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}({self.name}/{self.split}, {len(self)} crystals, skipped={getattr(self, 'num_skipped', '?')})"

@@ -25,9 +25,7 @@ coord_out [N, 3])`` with ``t = k / T``.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, Callable, Optional
 
 import torch

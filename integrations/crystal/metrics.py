@@ -52,7 +52,7 @@ import numpy as np
 from torch_geometric.data import Batch, Data
 
 from .convert import CrystalConversionError, _check_cell, data_to_structure
-from .data import _atomic_write_text
+from orbit_pyg.io import atomic_write_text
 
 if TYPE_CHECKING:  # pragma: no cover
     from pymatgen.analysis.structure_matcher import StructureMatcher
@@ -597,7 +597,7 @@ def write_csp_results(
                 missing.append(tag)
                 continue
             path = osp.join(out_dir, "generated", tag + ".cif")
-            _atomic_write_text(path, str(CifWriter(st)))
+            atomic_write_text(path, str(CifWriter(st)))
             written.append(path)
     ref_written: list[str] = []
     if references is not None:
@@ -609,11 +609,11 @@ def write_csp_results(
             if st is None:
                 continue
             path = osp.join(out_dir, "references", name + ".cif")
-            _atomic_write_text(path, str(CifWriter(st)))
+            atomic_write_text(path, str(CifWriter(st)))
             ref_written.append(path)
     mpath = osp.join(out_dir, "metrics.json")
     payload = {"metrics": metrics or {}, "files": {"generated": [osp.relpath(p, out_dir) for p in written],
                                                    "references": [osp.relpath(p, out_dir) for p in ref_written],
                                                    "missing": missing}}
-    _atomic_write_text(mpath, json.dumps(_json_clean(payload), indent=1, allow_nan=False))
+    atomic_write_text(mpath, json.dumps(_json_clean(payload), indent=1, allow_nan=False))
     return {"metrics": mpath, "generated": written, "references": ref_written, "missing": missing}

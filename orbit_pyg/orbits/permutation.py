@@ -22,7 +22,6 @@ Candidate 0 is always the identity.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor
