@@ -170,6 +170,8 @@ class OrbitDiffusionLoss(nn.Module):
             ctx = OrbitContext(x0=x0, xt=None, batch=batch, num_graphs=b, alpha=alpha, sigma=sigma, kernel=self.kernel, data=data)
             if self.mode != "plain":
                 x0 = apply_element(self.orbit.random_element(ctx, generator), x0, batch)
+                if not self.kernel.linear:  # torus coordinates stay in [0, 1)
+                    x0 = torch.remainder(x0, 1.0)
                 ctx.x0 = x0
             eps = torch.randn(pos.shape, generator=generator, dtype=pos.dtype, device=device)
             if self.center:

@@ -2,11 +2,12 @@
 
 What is compiled and how (measured on the 2-core CPU machine this suite is developed on):
 
-* a small node MLP with ``backend="inductor"`` (the default backend): about 30 s with a cold
+* a small node MLP with ``backend="inductor"`` (the default backend): 15-30 s with a cold
   inductor cache (forward + backward kernels are C++-compiled), a few seconds warm;
 * :class:`orbit_pyg.nn.PositionTransformer` with ``backend="aot_eager"`` (dynamo + AOTAutograd,
-  no code generation): under inductor it takes more than 60 s cold here, so the inductor variant is
-  marked ``slow``. ``to_dense_batch`` reads ``int(batch.max())``, a graph break, which is fine;
+  no code generation): under inductor it took 20-65 s cold here (the machine is shared), so the
+  inductor variant is marked ``slow``. ``to_dense_batch`` reads ``int(batch.max())``, a graph
+  break, which is fine;
 * the target computation itself: :func:`orbit_pyg.orbit_estimate` on the structured path (Gaussian
   kernel; permutations × rotations) traces as **one graph** (``fullgraph=True``); on the
   materialized path (wrapped normal, torus shifts) it graph-breaks on the host syncs of

@@ -469,7 +469,7 @@ def test_unchanged_training_loop_with_dataloader(num_workers):
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             ts.append(batch.t)
     assert len(losses) == 8 and all(math.isfinite(v) for v in losses)
     assert torch.cat(ts).unique().numel() > 20  # fresh noise levels across batches, workers and epochs

@@ -108,6 +108,8 @@ class SpeciesPermutation(Orbit):
     def __init__(
         self, key: str = "z", max_candidates: int = 50, proposal: str = "uniform", uniform_fraction: float = 0.25
     ):
+        if not isinstance(key, str):
+            raise TypeError(f"`key` must be the name of the species attribute (a string), got {key!r}")
         if int(max_candidates) < 1:
             raise ValueError(f"`max_candidates` must be >= 1, got {max_candidates}")
         if proposal not in ("uniform", "guided"):
