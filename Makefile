@@ -8,7 +8,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed-stamp
-EXTRAS ?= test,ase,plot
+EXTRAS ?= test,ase,plot,crystal
 
 .PHONY: venv demo test test-slow benchmarks wheel-check clean
 

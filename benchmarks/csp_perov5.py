@@ -132,12 +132,13 @@ def main(argv=None) -> dict:
     p.add_argument("--translations", type=int, default=1000)
     p.add_argument("--sample-steps", type=int, default=1000)
     p.add_argument("--n-test", type=int, default=500)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="processes for StructureMatcher")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.seeds, args.n_test, args.sample_steps = 30, [0], 40, 20
         args.variants, args.translations, args.hidden, args.layers = ["plain", "orbit_U"], 64, 32, 1
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     os.makedirs(args.out, exist_ok=True)
     train, test = load(args.csv, args.root, args.n_test)
     print(f"Perov-5: {len(train)} train / {len(test)} held-out; CSPNet {args.hidden}x{args.layers}, "
