@@ -228,8 +228,10 @@ def test_wrapped_normal_orbit_score_target_with_shift_factor(mode):
         sl = graph_slice(data, b)
         sigma = float(noisy.sigma[b])
         # the augmented x0 is the data shifted by one grid translation (mod 1)
-        shift = (x0[sl] - data.pos[sl].numpy())[0]
-        assert np.allclose(x0[sl] - data.pos[sl].numpy(), shift, atol=1e-12)
+        assert ((x0[sl] >= 0) & (x0[sl] < 1)).all()  # torus coordinates stay in [0, 1)
+        diff = np.remainder(x0[sl] - data.pos[sl].numpy(), 1.0)
+        shift = diff[0]
+        assert np.allclose(np.remainder(diff - shift + 0.5, 1.0) - 0.5, 0, atol=1e-12)
         assert np.allclose(np.remainder(shift * m + 1e-9, 1.0), 0, atol=1e-6)
         if mode == "augment":
             ref = wrapped_normal_score(xt[sl] - x0[sl], sigma)
