@@ -133,7 +133,7 @@ def main(argv=None) -> dict:
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    epochs = args.epochs or (1 if args.quick else 12)
+    epochs = args.epochs or (1 if args.quick else 25)
     data = [FullyConnected()(d) for d in load_g2()]
     train_items, val_items = split(data)
     val = Batch.from_data_list([CenterPositions()(d.clone()) for d in val_items])

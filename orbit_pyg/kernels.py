@@ -148,20 +148,35 @@ class WrappedNormalKernel:
         d = self._wrap(xt - x0)
         sigma = torch.as_tensor(sigma, dtype=d.dtype, device=d.device)
         shape = torch.broadcast_shapes(d.shape, sigma.shape)
+        d = d.expand(shape)
         bands = self._bands(sigma)
         if bool((bands == bands.reshape(-1)[0]).all()):  # one band: evaluate in place
-            both = self._series(d.expand(shape).contiguous(), sigma)
-        else:  # a batch mixing noise levels: each band on its own elements, with its own series
-            d_flat, s_flat = d.expand(shape).reshape(-1), sigma.expand(shape).reshape(-1)
-            band_flat = bands.expand(shape).reshape(-1)
-            both = (torch.empty_like(d_flat), torch.empty_like(d_flat))
-            for band in band_flat.unique().tolist():
-                idx = (band_flat == band).nonzero().squeeze(1)
-                for out, part in zip(both, self._series(d_flat[idx], s_flat[idx])):
-                    out[idx] = part
-            both = tuple(v.view(shape) for v in both)
+            both = self._series(d.contiguous(), sigma)
+        else:  # noise levels differ (per graph): each band on its own slice, with its own series
+            both = self._banded(d, sigma, bands, shape)
         both = tuple(v.expand(shape) for v in both)
         return both if which is None else both[which]
+
+    def _banded(self, d: Tensor, sigma: Tensor, bands: Tensor, shape) -> tuple[Tensor, Tensor]:
+        """Evaluate per band, slicing along the axis that sigma varies on (nodes, typically)."""
+        varying = [i for i in range(sigma.dim()) if sigma.size(i) > 1]
+        if len(varying) == 1:  # e.g. sigma [N, 1] against d [C, N, 3]: select nodes, not elements
+            axis = varying[0] - sigma.dim()
+            out = (torch.empty(shape, dtype=d.dtype, device=d.device), torch.empty(shape, dtype=d.dtype, device=d.device))
+            band_of = bands.reshape(-1)
+            for band in band_of.unique().tolist():
+                idx = (band_of == band).nonzero().squeeze(1)
+                for o, part in zip(out, self._series(d.index_select(axis, idx), sigma.index_select(axis, idx))):
+                    o.index_copy_(axis, idx, part)
+            return out
+        d_flat, s_flat = d.reshape(-1), sigma.expand(shape).reshape(-1)
+        band_flat = bands.expand(shape).reshape(-1)
+        out = (torch.empty_like(d_flat), torch.empty_like(d_flat))
+        for band in band_flat.unique().tolist():
+            idx = (band_flat == band).nonzero().squeeze(1)
+            for o, part in zip(out, self._series(d_flat[idx], s_flat[idx])):
+                o[idx] = part
+        return tuple(v.view(shape) for v in out)
 
     def log_prob_terms(self, xt: Tensor, x0: Tensor, alpha, sigma: Tensor) -> Tensor:
         return self._evaluate(xt, x0, sigma, 0)
