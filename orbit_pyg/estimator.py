@@ -17,8 +17,9 @@ Two evaluation paths give identical results:
   rotation costs 9 multiply-adds instead of ``3 N``, and the target is ``sum_P (sum_A w A) P x0``.
   All 3×3 algebra runs in float64, so logits of size ``1e9`` (``sigma = 1e-4``) keep their O(1)
   differences exact.
-* **materialized** (any kernel, shifts): candidates are built in chunks of ``chunk_size`` and folded
-  into a running (online) softmax, so memory stays ``O(chunk_size · N)`` for any ``K``.
+* **materialized** (any kernel, shifts): candidates are built in chunks of ``chunk_size`` (default:
+  about 100k coordinates) and folded into a running (online) softmax, so memory stays
+  ``O(chunk_size · N)`` for any ``K``.
 """
 from __future__ import annotations
 
@@ -151,8 +152,9 @@ def _factor_mask(perm_mask: Optional[Tensor], linear_mask: Optional[Tensor]) -> 
 
 
 def default_chunk_size(num_nodes: int) -> int:
-    """Candidates per chunk so that one chunk holds about four million coordinates."""
-    return max(1, 4_000_000 // (3 * max(num_nodes, 1)))
+    """Candidates per chunk so that one chunk holds about 100k coordinates: the temporaries of a
+    chunk stay in cache, which measured faster than a few large chunks (page faults, memory traffic)."""
+    return max(1, 100_000 // (3 * max(num_nodes, 1)))
 
 
 def _materialized(cands: OrbitCandidates, ctx: OrbitContext, target: str, chunk_size: Optional[int]) -> OrbitEstimate:

@@ -59,7 +59,8 @@ class NoisyBatch:
         alpha, sigma: per-graph kernel coefficients ``[B]`` (float64).
         ess: per-graph effective sample size ``[B]`` (``1`` for plain / augment).
         batch: node-to-graph map ``[N]``; num_graphs: ``B``.
-        log_weights: ``[B, K]`` normalized orbit log weights (``orbit`` mode) or ``None``.
+        weights: ``[B, K]`` normalized orbit weights (``orbit`` mode) or ``None``; ``log_weights``
+            gives their log.
     """
 
     xt: Tensor
@@ -73,7 +74,12 @@ class NoisyBatch:
     num_graphs: int
     mode: str
     parameterization: str
-    log_weights: Optional[Tensor] = None
+    weights: Optional[Tensor] = None
+
+    @property
+    def log_weights(self) -> Optional[Tensor]:
+        """``log`` of :attr:`weights` (``-inf`` for padded candidates), or ``None``."""
+        return None if self.weights is None else torch.log(self.weights)
 
 
 def graph_batch(data: Any, pos: Tensor) -> tuple[Tensor, int]:
@@ -179,16 +185,16 @@ class OrbitDiffusionLoss(nn.Module):
             a_n, s_n = alpha[batch].to(pos.dtype).view(-1, 1), sigma[batch].to(pos.dtype).view(-1, 1)
             xt = self.kernel.perturb(x0, a_n, s_n, eps)
             ess = torch.ones(b, dtype=torch.float64, device=device)
-            log_w = None
+            weights = None
             if self.mode == "orbit":
                 ctx.xt = xt
                 kind = "x0" if self.kernel.linear else "score"
                 est = orbit_estimate(self.orbit, ctx, target=kind, chunk_size=self.chunk_size, generator=generator)
-                ref, ess, log_w = est.target, est.ess, est.log_weights
+                ref, ess, weights = est.target, est.ess, est.weights
             else:
                 ref = x0 if self.kernel.linear else self.kernel.score(xt, x0, a_n, s_n)
             target = self._target(ref, xt, t, batch)
-        return NoisyBatch(xt, t.to(pos.dtype), target, x0, alpha, sigma, ess, batch, b, self.mode, self.parameterization, log_w)
+        return NoisyBatch(xt, t.to(pos.dtype), target, x0, alpha, sigma, ess, batch, b, self.mode, self.parameterization, weights)
 
     def _target(self, ref: Tensor, xt: Tensor, t: Tensor, batch: Tensor) -> Tensor:
         """Regression target from ``x0_hat`` (Gaussian) or ``score_hat`` (torus)."""

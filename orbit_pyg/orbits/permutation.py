@@ -154,12 +154,15 @@ class SpeciesPermutation(Orbit):
         )
         stride = torch.exp(cum - cum[first_class[class_graph]]).round().long()
         idx = torch.arange(k, device=device).view(k, 1)
-        rank = (torch.div(idx, stride.view(1, -1), rounding_mode="floor") % class_order.view(1, -1))
-        sigma_enum = _lehmer_decode(rank, torch.where(enum_class, sizes, torch.ones_like(sizes)), m)
-
-        # sampling for the larger groups
-        sigma_uni = self._uniform_ranks(k, sizes, m, generator, device)
-        sigma = torch.where(enum_class.view(1, -1, 1), sigma_enum, sigma_uni)
+        # sampled groups draw uniform ranks; enumerated classes start at the identity and the
+        # non-trivial ones (|c| >= 2, at most log K of them per graph) are decoded, narrowly
+        sigma = self._uniform_ranks(k, sizes, m, generator, device)
+        sigma[:, enum_class] = torch.arange(m, device=device)
+        decode = enum_class & (sizes > 1)
+        if bool(decode.any()):
+            m_dec = int(sizes[decode].max())
+            rank = torch.div(idx, stride[decode].view(1, -1), rounding_mode="floor") % class_order[decode].view(1, -1)
+            sigma[:, decode, :m_dec] = _lehmer_decode(rank, sizes[decode], m_dec)
         sigma[0] = torch.arange(m, device=device)  # identity first
         log_nu = torch.zeros(b, k, dtype=torch.float64, device=device)
         if self.proposal == "guided" and not bool(enumerate_graph.all()):
@@ -187,32 +190,38 @@ class SpeciesPermutation(Orbit):
         return ctx.kernel.log_prob_terms(xt.unsqueeze(2), x0.unsqueeze(1), alpha, sigma).sum(-1)
 
     def _guided(self, ctx, members, sizes, class_graph, log_order, sigma_uni, enum_class, generator):
-        """Mix uniform draws with sequential-softmax draws; returns ranks and ``log nu`` per graph."""
+        """Mix uniform draws with sequential-softmax draws; returns ranks and ``log nu`` per graph.
+
+        Only the classes that are sampled and have two or more members take part, each padded to
+        the largest of them (singletons and enumerated classes keep their ranks).
+        """
         if ctx.xt is None or ctx.kernel is None:
             raise ValueError("the guided permutation proposal needs xt and the kernel in the context")
-        k, c, m = sigma_uni.shape
+        k, _, m = sigma_uni.shape
         device = members.device
-        logits = self._pair_logits(ctx, members)  # [C, m, m]
-        valid = torch.arange(m, device=device).view(1, m) < sizes.view(c, 1)  # [C, m]
-        # draw sequential samples
-        available = valid.unsqueeze(0).expand(k, c, m).clone()
-        sigma_seq = torch.arange(m, device=device).expand(k, c, m).clone()
-        for r in range(m):
-            active = (sizes > r).view(1, c)
-            u = torch.rand(k, c, m, generator=generator, device=device, dtype=torch.float64)
-            gumbel = -torch.log(-torch.log(u.clamp(min=1e-300)))
-            score = torch.where(available, logits[:, r].unsqueeze(0) + gumbel, -math.inf)
+        b = log_order.numel()
+        act = ~enum_class & (sizes > 1)
+        sizes_a = sizes[act]
+        c, m_a = int(act.sum()), int(sizes_a.max())
+        logits = self._pair_logits(ctx, members[act][:, :m_a])  # [Ca, m_a, m_a]
+        valid = torch.arange(m_a, device=device).view(1, m_a) < sizes_a.view(c, 1)
+        available = valid.unsqueeze(0).expand(k, c, m_a).clone()
+        sigma_seq = torch.arange(m_a, device=device).expand(k, c, m_a).clone()
+        gumbel = -torch.log(-torch.log(torch.rand(m_a, k, c, m_a, generator=generator, device=device).clamp(min=1e-30)))
+        for r in range(m_a - 1):  # the last member has a single choice left
+            active = (sizes_a > r + 1).view(1, c)
+            score = torch.where(available, logits[:, r].unsqueeze(0) + gumbel[r], -math.inf)
             pick = score.argmax(-1)
             sigma_seq[:, :, r] = torch.where(active, pick, sigma_seq[:, :, r])
-            available &= ~(torch.nn.functional.one_hot(pick, m).bool() & active.unsqueeze(-1))
-        use_uniform = torch.rand(k, 1, generator=generator, device=device) < self.uniform_fraction
-        sigma = torch.where(use_uniform.unsqueeze(-1) | enum_class.view(1, c, 1), sigma_uni, sigma_seq)
+            available &= ~(torch.nn.functional.one_hot(pick, m_a).bool() & active.unsqueeze(-1))
+        last = (available & valid.unsqueeze(0)).float().argmax(-1)  # the one member left
+        sigma_seq.scatter_(2, (sizes_a - 1).view(1, c, 1).expand(k, c, 1), last.unsqueeze(-1))
+        use_uniform = torch.rand(k, 1, 1, generator=generator, device=device) < self.uniform_fraction
+        sigma = sigma_uni.clone()
+        sigma[:, act, :m_a] = torch.where(use_uniform, sigma_uni[:, act, :m_a], sigma_seq)
         sigma[0] = torch.arange(m, device=device)
-        log_seq = self._sequential_log_prob(logits, sigma, sizes, valid)  # [K, C]
-        # only classes of sampled graphs contribute; sum per graph
-        log_seq = torch.where(enum_class.view(1, c), torch.zeros_like(log_seq), log_seq)
-        b = log_order.numel()
-        log_seq_graph = torch.zeros(k, b, dtype=torch.float64, device=device).index_add_(1, class_graph, log_seq)
+        log_seq = self._sequential_log_prob(logits, sigma[:, act, :m_a], sizes_a, valid)  # [K, Ca]
+        log_seq_graph = torch.zeros(k, b, dtype=torch.float64, device=device).index_add_(1, class_graph[act], log_seq)
         lam = self.uniform_fraction
         log_nu = torch.logaddexp(
             torch.full_like(log_seq_graph, math.log(lam)),
@@ -228,8 +237,8 @@ class SpeciesPermutation(Orbit):
         k, c, m = sigma.shape
         available = valid.unsqueeze(0).expand(k, c, m).clone()
         total = torch.zeros(k, c, dtype=torch.float64, device=sigma.device)
-        for r in range(m):
-            active = (sizes > r).view(1, c)
+        for r in range(m - 1):  # the last member's factor is 1
+            active = (sizes > r + 1).view(1, c)
             row = torch.where(available, logits[:, r].unsqueeze(0), -math.inf)
             chosen = torch.gather(row, 2, sigma[:, :, r : r + 1]).squeeze(-1)
             step = chosen - torch.logsumexp(row, -1)
