@@ -87,12 +87,12 @@ def orbit():
 def train(mode: str, train_items, val: Batch, epochs: int, seed: int = 0) -> list[dict]:
     torch.manual_seed(seed)
     model = Denoiser()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     if mode == "plain":  # the original pipeline: noise drawn inside the loop
         transform = Compose([CenterPositions()])
     else:  # the migration: one transform
         transform = Compose([CenterPositions(), OrbitNoise(SCHEDULE, orbit(), mode=mode)])
-    loader = DataLoader(Listed(train_items, transform), batch_size=16, shuffle=True)
+    loader = DataLoader(Listed(train_items, transform), batch_size=8, shuffle=True)
     history = []
     for epoch in range(1, epochs + 1):
         total, count = 0.0, 0
@@ -133,7 +133,7 @@ def main(argv=None) -> dict:
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    epochs = args.epochs or (1 if args.quick else 25)
+    epochs = args.epochs or (1 if args.quick else 30)
     data = [FullyConnected()(d) for d in load_g2()]
     train_items, val_items = split(data)
     val = Batch.from_data_list([CenterPositions()(d.clone()) for d in val_items])
