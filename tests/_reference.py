@@ -67,6 +67,7 @@ def dihedral_square() -> list[tuple[int, ...]]:
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
+    logits = np.asarray(logits, dtype=np.float64)
     w = np.exp(logits - logits.max())
     return w / w.sum()
 
@@ -163,18 +164,25 @@ def so3_posterior_mean(x0: np.ndarray, xt: np.ndarray, alpha: float, sigma: floa
 # --- wrapped normal --------------------------------------------------------------------------
 
 
-def wrapped_normal_logpdf(d: np.ndarray, sigma: float, n_images: int = 200) -> np.ndarray:
-    """``log sum_{n=-n_images}^{n_images} N(d + n; 0, sigma^2)`` by brute force (float64)."""
+def wrapped_normal_logpdf(d: np.ndarray, sigma, n_images: int = 200) -> np.ndarray:
+    """``log sum_{n=-n_images}^{n_images} N(d + n; 0, sigma^2)`` by brute force (float64; sigma broadcasts)."""
     n = np.arange(-n_images, n_images + 1, dtype=np.float64)
+    sigma = np.asarray(sigma, dtype=np.float64)[..., None]
     shifted = np.asarray(d, dtype=np.float64)[..., None] + n
-    log_terms = -0.5 * (shifted / sigma) ** 2 - math.log(sigma) - 0.5 * math.log(2 * math.pi)
+    log_terms = -0.5 * (shifted / sigma) ** 2 - np.log(sigma) - 0.5 * math.log(2 * math.pi)
     return special.logsumexp(log_terms, axis=-1)
 
 
-def wrapped_normal_score(d: np.ndarray, sigma: float, n_images: int = 200) -> np.ndarray:
-    """``d/dd log WN(d; sigma)`` by brute force: ``-sum_n w_n (d + n) / sigma^2``."""
+def wrapped_normal_score(d: np.ndarray, sigma, n_images: int = 200) -> np.ndarray:
+    """``d/dd log WN(d; sigma)`` by brute force: ``-sum_n w_n (d + n) / sigma^2`` (sigma broadcasts)."""
     n = np.arange(-n_images, n_images + 1, dtype=np.float64)
+    sigma = np.asarray(sigma, dtype=np.float64)[..., None]
     shifted = np.asarray(d, dtype=np.float64)[..., None] + n
     log_terms = -0.5 * (shifted / sigma) ** 2
     w = np.exp(log_terms - special.logsumexp(log_terms, axis=-1, keepdims=True))
-    return -(w * shifted).sum(-1) / sigma**2
+    return -(w * shifted).sum(-1) / sigma[..., 0] ** 2
+
+
+def wrap(d):
+    """Differences on the circle, in ``[-1/2, 1/2)``."""
+    return d - np.round(d)

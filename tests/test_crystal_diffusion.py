@@ -12,13 +12,19 @@ import pytest
 import torch
 from torch_geometric.data import Batch, Data
 
+
+import _reference
+from _reference import softmax, wrap
+
+wn_log_pdf = functools.partial(_reference.wrapped_normal_logpdf, n_images=12)
+wn_score = functools.partial(_reference.wrapped_normal_score, n_images=12)
 from orbit_pyg.integrations.crystal.diffusion import (
     CrystalDiffusion,
     CrystalDiffusionLoss,
     crystal_orbit,
     score_norm,
 )
-from orbit_pyg.integrations.crystal.orbits import LatticePermutation, TorusTranslation, lattice_permutations
+from orbit_pyg.integrations.crystal.orbits import lattice_permutations
 from orbit_pyg.integrations.crystal.sampling import PredictorCorrector, step_grid
 
 PEROV_CSV = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "perov_5" / "val.csv"
@@ -28,31 +34,8 @@ PEROV_CSV = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "p
 # independent references
 
 
-def wn_log_pdf(d, sigma, images: int = 12):
-    d = np.asarray(d, dtype=np.float64)[..., None]
-    sigma = np.asarray(sigma, dtype=np.float64)[..., None]
-    n = np.arange(-images, images + 1, dtype=np.float64)
-    e = -((d + n) ** 2) / (2 * sigma**2)
-    m = e.max(-1, keepdims=True)
-    return (m[..., 0] + np.log(np.exp(e - m).sum(-1))) - np.log(sigma[..., 0] * math.sqrt(2 * math.pi))
 
 
-def wn_score(d, sigma, images: int = 12):
-    d = np.asarray(d, dtype=np.float64)[..., None]
-    sigma = np.asarray(sigma, dtype=np.float64)[..., None]
-    n = np.arange(-images, images + 1, dtype=np.float64)
-    e = -((d + n) ** 2) / (2 * sigma**2)
-    w = np.exp(e - e.max(-1, keepdims=True))
-    return (w * (-(d + n) / sigma**2)).sum(-1) / w.sum(-1)
-
-
-def wrap(d):
-    return d - np.round(d)
-
-
-def softmax(x):
-    w = np.exp(np.asarray(x) - np.max(x))
-    return w / w.sum()
 
 
 @functools.lru_cache(maxsize=None)
@@ -154,7 +137,7 @@ def test_score_norm_matches_monte_carlo(sigma):
     """``lambda = E[score(d)^2]``, ``d = sigma eps mod 1`` (the DiffCSP estimate), within MC error."""
     rng = np.random.default_rng(int(sigma * 100))
     d = wrap(sigma * rng.standard_normal(400_000))
-    sq = wn_score(d, sigma, images=6) ** 2
+    sq = wn_score(d, sigma, n_images=6) ** 2
     se = sq.std() / math.sqrt(sq.size)
     got = float(score_norm(torch.tensor(sigma, dtype=torch.float64)))
     assert abs(sq.mean() - got) < 4 * se, (sq.mean(), got, se)

@@ -29,7 +29,7 @@ pymatgen and ase are imported lazily: importing this module needs neither.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -335,6 +335,22 @@ def _split_batch(batch: Batch) -> list[Data]:
     return batch.to_data_list()
 
 
+def _convert_each(batch: Batch | Sequence[Data], convert: Callable[[Data], Any], errors: str) -> list[Any]:
+    """``convert`` every graph of a batch; with ``errors="none"`` a failure becomes ``None``."""
+    if errors not in ("raise", "none"):
+        raise ValueError(f"`errors` must be 'raise' or 'none', got {errors!r}")
+    graphs = _split_batch(batch) if isinstance(batch, Data) else list(batch)
+    out: list[Any] = []
+    for g in graphs:
+        try:
+            out.append(convert(g))
+        except CrystalConversionError:
+            if errors == "raise":
+                raise
+            out.append(None)
+    return out
+
+
 def batch_to_structures(batch: Batch | Sequence[Data], *, errors: str = "raise") -> list["Structure | None"]:
     r"""A PyG ``Batch`` (or list of ``Data``) → one ``Structure`` per graph.
 
@@ -350,18 +366,7 @@ def batch_to_structures(batch: Batch | Sequence[Data], *, errors: str = "raise")
         >>> [s.formula for s in batch_to_structures(Batch.from_data_list([d, d]))]
         ['Na1 Cl1', 'Na1 Cl1']
     """
-    if errors not in ("raise", "none"):
-        raise ValueError(f"`errors` must be 'raise' or 'none', got {errors!r}")
-    graphs = _split_batch(batch) if isinstance(batch, Data) else list(batch)
-    out: list[Any] = []
-    for g in graphs:
-        try:
-            out.append(data_to_structure(g))
-        except CrystalConversionError:
-            if errors == "raise":
-                raise
-            out.append(None)
-    return out
+    return _convert_each(batch, data_to_structure, errors)
 
 
 def atoms_to_data(
@@ -442,15 +447,4 @@ def batch_to_atoms(batch: Batch | Sequence[Data], *, errors: str = "raise") -> l
         >>> len(batch_to_atoms(Batch.from_data_list([d, d, d])))
         3
     """
-    if errors not in ("raise", "none"):
-        raise ValueError(f"`errors` must be 'raise' or 'none', got {errors!r}")
-    graphs = _split_batch(batch) if isinstance(batch, Data) else list(batch)
-    out: list[Any] = []
-    for g in graphs:
-        try:
-            out.append(data_to_atoms(g))
-        except CrystalConversionError:
-            if errors == "raise":
-                raise
-            out.append(None)
-    return out
+    return _convert_each(batch, data_to_atoms, errors)
