@@ -45,7 +45,8 @@ class CSPConfig:
     (``uniform`` / ``wrapped_normal`` / ``guided``), ``lattice_orbit`` (``False`` / ``"perm"`` /
     ``"signed"``), ``species`` (species-permutation candidates, 0 = off), ``diffusion_steps`` (T).
     Training: ``steps``, ``batch_size``, ``lr``, ``grad_clip``, ``ema_decay``, ``seed``,
-    ``scheduler`` (``None`` / ``"cosine"`` / ``"plateau"``). Sampling: ``sample_steps``, ``step_lr``.
+    ``scheduler`` (``None`` / ``"cosine"`` / ``"plateau"``). Sampling: ``sample_steps``, ``step_lr``,
+    ``lattice_clip`` (Å; :func:`train_csp` sets it to 1.5 × the largest training lattice entry).
     """
 
     hidden: int = 256
@@ -67,6 +68,7 @@ class CSPConfig:
     scheduler: Optional[str] = None
     sample_steps: int = 1000
     step_lr: float = 5e-7
+    lattice_clip: Optional[float] = None
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -110,6 +112,8 @@ def train_csp(
     ``config.json``.
     """
     torch.manual_seed(cfg.seed)
+    if cfg.lattice_clip is None:
+        cfg.lattice_clip = 1.5 * max(float(d.cell.abs().max()) for d in train_data)
     model = model if model is not None else make_model(cfg)
     loss = make_loss(cfg)
     trainer = Trainer(
@@ -144,7 +148,7 @@ def generate(
     """
     diffusion = make_diffusion(cfg)
     sampler = PredictorCorrector(model, diffusion, num_steps=cfg.sample_steps if num_steps is None else num_steps,
-                                 step_lr=cfg.step_lr if step_lr is None else step_lr)
+                                 step_lr=cfg.step_lr if step_lr is None else step_lr, lattice_clip=cfg.lattice_clip)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     model.eval()

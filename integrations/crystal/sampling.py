@@ -44,6 +44,9 @@ class PredictorCorrector:
         num_steps: steps of the grid (``diffusion.num_steps`` = DiffCSP's 1000).
         step_lr: corrector step size scale (DiffCSP: 5e-7 Perov-5, 1e-5 MP-20); 0 disables it.
         eta: DDIM stochasticity of the lattice update (1 = ancestral).
+        lattice_clip: clip the predicted clean lattice entries to ``[-c, c]`` Å at every step
+            (``None``: no clipping, DiffCSP's sampler). Strided grids need it: without it the
+            first steps from ``abar_T ~ 1e-9`` amplify the model's error into huge cells.
 
     Example:
         >>> import torch
@@ -61,11 +64,15 @@ class PredictorCorrector:
         num_steps: Optional[int] = None,
         step_lr: float = 5e-7,
         eta: float = 1.0,
+        lattice_clip: Optional[float] = None,
     ):
         self.model, self.diffusion = model, diffusion
         self.num_steps = int(diffusion.num_steps if num_steps is None else num_steps)
         self.grid = step_grid(self.num_steps, diffusion.num_steps)
         self.step_lr, self.eta = float(step_lr), float(eta)
+        if lattice_clip is not None and not lattice_clip > 0:
+            raise ValueError(f"`lattice_clip` must be positive or None, got {lattice_clip}")
+        self.lattice_clip = lattice_clip
 
     def __repr__(self) -> str:
         return f"PredictorCorrector(num_steps={self.num_steps}, step_lr={self.step_lr}, eta={self.eta})"
@@ -127,6 +134,12 @@ class PredictorCorrector:
 
     def _lattice_step(self, cell: Tensor, eps: Tensor, abar: float, abar_next: float, generator) -> Tensor:
         cell0 = (cell - (1 - abar) ** 0.5 * eps) / abar**0.5
+        if self.lattice_clip is not None:
+            # near k = T, abar ~ 1e-9 turns a small eps error into a huge L0 estimate; a strided
+            # step carries it into the sample (the full 1000-step chain damps it). Clipping the
+            # estimate to the data's range (as image DDPMs clip to [-1, 1]) removes the blow-up.
+            cell0 = cell0.clamp(-self.lattice_clip, self.lattice_clip)
+            eps = (cell - abar**0.5 * cell0) / (1 - abar) ** 0.5
         if abar_next >= 1.0:
             return cell0
         s = self.eta * ((1 - abar_next) / (1 - abar)) ** 0.5 * (1 - abar / abar_next) ** 0.5
