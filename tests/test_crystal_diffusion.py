@@ -498,3 +498,19 @@ def test_sampler_recovers_a_single_crystal_with_the_exact_denoiser(perov_data, n
                                 dtype=torch.float64)
     np.testing.assert_allclose(cell.numpy(), l0.numpy(), atol=1e-8)
     assert np.abs(wrap(frac.numpy() - f0.numpy())).max() < 1e-6
+
+
+def test_lattice_clip_keeps_strided_samples_bounded():
+    """A poor lattice prediction near k = T explodes the cell on a strided grid unless L0 is clipped."""
+    wrong = lambda z, f, l, t, b, n: (torch.zeros_like(l) + 0.3, torch.zeros_like(f))  # noqa: E731
+    diffusion = CrystalDiffusion(1000)
+    z, batch = torch.tensor([8, 8, 8, 22, 38]), torch.zeros(5, dtype=torch.long)
+    cells = {}
+    for clip in (None, 10.0):
+        sampler = PredictorCorrector(wrong, diffusion, num_steps=20, lattice_clip=clip)
+        _, cell = sampler.sample(z, batch, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        cells[clip] = float(cell.abs().max())
+    assert cells[None] > 1e3  # the failure this option exists for
+    assert cells[10.0] <= 10.0 + 1e-6
+    with pytest.raises(ValueError, match="lattice_clip"):
+        PredictorCorrector(wrong, diffusion, lattice_clip=0.0)
