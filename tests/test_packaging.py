@@ -48,6 +48,12 @@ def test_wheel_contains_namespaced_integrations_and_imports(tmp_path):
     (wheel,) = wheel_dir.glob("orbit_pyg-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "orbit_pyg/integrations/__init__.py" in names
+    # every package of the source tree ships (pyproject lists them explicitly)
+    for init in sorted((ROOT / "orbit_pyg").rglob("__init__.py")):
+        assert init.relative_to(ROOT).as_posix() in names, f"{init} missing from the wheel"
+    for init in sorted((ROOT / "integrations").rglob("__init__.py")):
+        inside = "orbit_pyg/integrations/" + init.relative_to(ROOT / "integrations").as_posix()
+        assert inside in names, f"{init} missing from the wheel"
     assert not any(n.startswith("integrations/") for n in names), "integrations must not be a top-level package"
     target = tmp_path / "site"
     inst = subprocess.run(
