@@ -189,12 +189,12 @@ def crystal_part(args) -> dict:
     n_test = 40 if args.quick else 200
     test_set = [ds[int(i)] for i in split.test[:n_test]]
     steps = 20 if args.quick else 400
+    size = dict(hidden=32, layers=1, sample_steps=10) if args.quick else dict(hidden=128, layers=3, sample_steps=200)
     print(f"\n3) Crystal structure prediction on Perov-5 ({len(train_set)} train, first {n_test} of 500 held-out): "
-          f"CSPNet 128x3, {steps} steps of batch 128, sampler 200 steps")
+          f"CSPNet {size['hidden']}x{size['layers']}, {steps} steps of batch 128, sampler {size['sample_steps']} steps")
     out = {}
     for mode in ("plain", "orbit"):
-        cfg = CSPConfig(hidden=32 if args.quick else 128, layers=1 if args.quick else 3, n_freq=16, steps=steps,
-                        batch_size=128, translations=1000, mode=mode, sample_steps=10 if args.quick else 200)
+        cfg = CSPConfig(**size, n_freq=16, steps=steps, batch_size=128, translations=1000, mode=mode)
         t0 = time.time()
         model, history = train_csp(train_set, cfg)
         t_train = time.time() - t0
