@@ -56,30 +56,18 @@ import time
 from pathlib import Path
 
 import torch
-from torch_geometric.data import Batch, Data, Dataset
+from torch_geometric.data import Batch, Data
 from torch_geometric.loader import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from orbit_pyg.data import ListDataset
 from orbit_pyg import SO3, SpeciesPermutation, VESchedule, VPSchedule, WrappedNormalKernel  # noqa: E402
 from orbit_pyg.integrations.crystal.orbits import TorusTranslation  # noqa: E402
 from orbit_pyg.transforms import BatchedOrbitNoise, OrbitNoise  # noqa: E402
 
 WORKERS = (0, 1, 2)
 
-
-class ListDataset(Dataset):
-    """A PyG dataset over a list of ``Data``; the transform runs per item in ``__getitem__``."""
-
-    def __init__(self, items, transform=None):
-        super().__init__(None, transform)
-        self.items = items
-
-    def len(self):
-        return len(self.items)
-
-    def get(self, idx):
-        return self.items[idx]
 
 
 def _worker_init(_worker_id: int) -> None:

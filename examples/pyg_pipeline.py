@@ -31,6 +31,7 @@ from torch_geometric.nn.models import GAT
 from torch_geometric.transforms import BaseTransform, Compose
 
 from orbit_pyg import SO3, OrbitDiffusionLoss, SpeciesPermutation, VPSchedule
+from orbit_pyg.data import ListDataset
 from orbit_pyg.nn import time_embedding
 from orbit_pyg.transforms import CenterPositions, OrbitNoise
 
@@ -66,19 +67,6 @@ class Denoiser(torch.nn.Module):
         return self.gnn(h, batch.edge_index, edge_attr=dist)
 
 
-class Listed(torch.utils.data.Dataset):
-    """A list of ``Data`` with a per-sample transform (what a PyG ``Dataset(transform=...)`` does)."""
-
-    def __init__(self, items, transform=None):
-        self.items, self.transform = items, transform
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        data = self.items[i].clone()
-        return self.transform(data) if self.transform is not None else data
-
 
 def orbit():
     return SpeciesPermutation(max_candidates=50) * SO3(num_candidates=200, proposal="guided")
@@ -92,7 +80,7 @@ def train(mode: str, train_items, val: Batch, epochs: int, seed: int = 0) -> lis
         transform = Compose([CenterPositions()])
     else:  # the migration: one transform
         transform = Compose([CenterPositions(), OrbitNoise(SCHEDULE, orbit(), mode=mode)])
-    loader = DataLoader(Listed(train_items, transform), batch_size=8, shuffle=True)
+    loader = DataLoader(ListDataset(train_items, transform), batch_size=8, shuffle=True)
     history = []
     for epoch in range(1, epochs + 1):
         total, count = 0.0, 0

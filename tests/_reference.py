@@ -8,10 +8,19 @@ from __future__ import annotations
 import itertools
 import math
 
+import pathlib
+
 import numpy as np
 from scipy import integrate, special
 
 # --- groups ----------------------------------------------------------------------------------
+
+
+#: the Perov-5 CSV in the shared data folder beside the repository (tests skip when it is absent)
+PEROV_CSV = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "perov_5" / "val.csv"
+
+#: a 12-image wrapped normal is exact to float64 for the sigmas the crystal tests use
+WN_IMAGES = 12
 
 
 def species_group(z) -> list[tuple[int, ...]]:

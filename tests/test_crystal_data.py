@@ -33,7 +33,7 @@ from orbit_pyg.integrations.crystal import (  # noqa: E402
     structure_to_data,
 )
 
-PEROV_CSV = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "perov_5" / "val.csv"
+from _reference import PEROV_CSV  # noqa: E402
 
 
 def _perov_csv() -> pathlib.Path:

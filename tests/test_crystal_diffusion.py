@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import functools
 import math
-import pathlib
 
 import numpy as np
 import pytest
@@ -16,8 +15,8 @@ from torch_geometric.data import Batch, Data
 import _reference
 from _reference import softmax, wrap
 
-wn_log_pdf = functools.partial(_reference.wrapped_normal_logpdf, n_images=12)
-wn_score = functools.partial(_reference.wrapped_normal_score, n_images=12)
+wn_log_pdf = functools.partial(_reference.wrapped_normal_logpdf, n_images=_reference.WN_IMAGES)
+wn_score = functools.partial(_reference.wrapped_normal_score, n_images=_reference.WN_IMAGES)
 from orbit_pyg.integrations.crystal.diffusion import (
     CrystalDiffusion,
     CrystalDiffusionLoss,
@@ -27,7 +26,7 @@ from orbit_pyg.integrations.crystal.diffusion import (
 from orbit_pyg.integrations.crystal.orbits import lattice_permutations
 from orbit_pyg.integrations.crystal.sampling import PredictorCorrector, step_grid
 
-PEROV_CSV = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "perov_5" / "val.csv"
+from _reference import PEROV_CSV  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from orbit_pyg.integrations.crystal import CDVAEDataset, split_indices  # noqa: 
 from orbit_pyg.integrations.crystal.csp import CSPConfig, evaluate, generate, load_model, train_csp  # noqa: E402
 from orbit_pyg.training import read_metrics  # noqa: E402
 
-PEROV_CSV = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "perov_5" / "val.csv"
+from _reference import PEROV_CSV  # noqa: E402
 N_ROWS = 50
 
 

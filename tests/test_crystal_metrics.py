@@ -29,7 +29,7 @@ from orbit_pyg.integrations.crystal import (  # noqa: E402
     write_csp_results,
 )
 
-PEROV_CSV = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "perov_5" / "val.csv"
+from _reference import PEROV_CSV  # noqa: E402
 
 PEROVSKITE_FRAC = [[0, 0, 0], [.5, .5, .5], [.5, .5, 0], [.5, 0, .5], [0, .5, .5]]
 

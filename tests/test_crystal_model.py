@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch_geometric.data import Batch, Data
-from torch_geometric.utils import scatter
+
 
 from orbit_pyg.integrations.crystal.model import CSPNet, fourier_features, fully_connected_edges
 from orbit_pyg.nn import time_embedding

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import itertools
 import math
-import pathlib
 
 import numpy as np
 import pytest
@@ -20,8 +19,8 @@ import functools
 import _reference
 from _reference import softmax, wrap
 
-wn_log_pdf = functools.partial(_reference.wrapped_normal_logpdf, n_images=12)
-wn_score = functools.partial(_reference.wrapped_normal_score, n_images=12)
+wn_log_pdf = functools.partial(_reference.wrapped_normal_logpdf, n_images=_reference.WN_IMAGES)
+wn_score = functools.partial(_reference.wrapped_normal_score, n_images=_reference.WN_IMAGES)
 from orbit_pyg.estimator import orbit_estimate
 from orbit_pyg.kernels import WrappedNormalKernel
 from orbit_pyg.orbits import OrbitContext, ProductOrbit
@@ -32,7 +31,7 @@ from orbit_pyg.integrations.crystal.orbits import (
     lattice_permutations,
 )
 
-PEROV_CSV = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "perov_5" / "val.csv"
+from _reference import PEROV_CSV  # noqa: E402
 PROPOSALS = ("uniform", "wrapped_normal", "guided")
 
 

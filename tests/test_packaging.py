@@ -7,7 +7,6 @@ import subprocess
 import sys
 import zipfile
 
-import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -17,11 +17,12 @@ import torch
 from scipy import stats
 from torch.utils.data.datapipes.datapipe import IterDataPipe
 from torch.utils.data.datapipes.iter import IterableWrapper
-from torch_geometric.data import Batch, Data, Dataset
+from torch_geometric.data import Batch, Data
 from torch_geometric.loader import DataLoader
 from torch_geometric.transforms import BaseTransform, Compose, RandomRotate
 from torch_geometric.utils import scatter
 
+from orbit_pyg.data import ListDataset
 from orbit_pyg import (
     SO3,
     ExplicitPermutations,
@@ -425,19 +426,6 @@ def test_custom_keys_and_no_overwrite_of_clean_positions():
 
 
 # --- an unchanged training loop, with DataLoader workers ---------------------------------------------
-
-class ListDataset(Dataset):
-    """A PyG dataset over a list of ``Data`` (the transform runs in ``__getitem__``)."""
-
-    def __init__(self, items, transform=None):
-        super().__init__(None, transform)
-        self.items = items
-
-    def len(self):
-        return len(self.items)
-
-    def get(self, idx):
-        return self.items[idx]
 
 
 def _one_thread(_worker_id):

@@ -5,7 +5,6 @@ from typing import Any, Optional
 
 import torch
 from torch.utils.data import get_worker_info
-from torch_geometric.data import Data
 from torch_geometric.data.datapipes import functional_transform
 from torch_geometric.transforms import BaseTransform
 
