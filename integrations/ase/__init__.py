@@ -1,0 +1,1 @@
+"""ASE integration of orbit_pyg (calculator, sampler, generate). Installed as ``orbit_pyg.integrations.ase``."""

@@ -1,0 +1,1 @@
+"""matbench integration of orbit_pyg (pretrained encoder baseline). Installed as ``orbit_pyg.integrations.matbench``."""
