@@ -40,6 +40,8 @@ VARIANTS = {
     "orbit_guided": dict(mode="orbit", proposal="guided"),
     "orbit_U+lattice": dict(mode="orbit", proposal="uniform", lattice_orbit="perm"),
     "orbit_guided+lattice": dict(mode="orbit", proposal="guided", lattice_orbit="perm"),
+    "orbit_exact": dict(mode="orbit", proposal="exact"),
+    "orbit_exact+lattice": dict(mode="orbit", proposal="exact", lattice_orbit="perm"),
 }
 
 

@@ -19,6 +19,18 @@ precision to far beyond molecule size). At each level:
      ``orbit`` with the guided proposal (``K`` candidates each). ``trace Cov[grad]`` is estimated
      from ``--draws`` gradient draws (fresh noise, rotation and candidates per draw).
      ``grad_var_ratio = Var(orbit uniform) / Var(augment)``; ``grad_var_ratio_guided`` likewise.
+     A fifth loss, ``orbit_exact``, uses ``SO3(proposal="exact")``: the SO(3) average in closed form
+     (matrix Fisher mean, no samples; its ESS is 1 by construction and is not reported):
+     ``grad_var_ratio_exact = Var(exact) / Var(augment)``, and against the sampled estimators at the
+     same ``K``: ``exact_vs_uniform = Var(exact) / Var(orbit uniform)``, ``exact_vs_guided`` likewise.
+(iii) **Cost.** Median wall time of one ``corrupt`` call (noise + target, no model) per loss at the
+     middle noise level (``corrupt_ms``), to compare estimators at equal wall time.
+(iv) **Crystals** (``--crystal-levels``, key ``crystal``): the same gradient-variance measurement for
+     fractional coordinates on the torus: 8 Perov-5-like ABX3 cells (ideal sites + 0.02 jitter, a
+     random global shift), wrapped-normal kernel, ``VESchedule(0.005, 0.5)``, score target, the same
+     small ``PositionTransformer``; losses ``augment`` (one uniform shift), ``orbit`` with ``K``
+     uniform translations (``--crystal-k``, default 1000, the paper's) and ``orbit_exact``
+     (``TorusTranslation(proposal="exact")``); sigma log-spaced over the DiffCSP range.
      ``augment`` and ``orbit`` have the same expected gradient, so a ratio below 1 is a pure
      variance reduction (Rao-Blackwell); ``plain`` is shown for scale only (different objective).
 
@@ -28,6 +40,7 @@ Run::
 
     .venv/bin/python benchmarks/variance.py            # full: 9 levels, 256 draws (about a minute)
     .venv/bin/python benchmarks/variance.py --quick    # 5 levels, 24 draws (under a minute)
+    .venv/bin/python benchmarks/variance.py --k 1000   # sampled estimators at the paper's K
 
 It runs single-threaded by default (``--threads``): the workload is thousands of tiny forward /
 backward passes, which a second thread does not speed up and which a shared machine slows down
@@ -55,7 +68,8 @@ from torch_geometric.data import Batch, Data  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orbit_pyg import SO3, OrbitDiffusionLoss, VPSchedule  # noqa: E402
+from orbit_pyg import SO3, OrbitDiffusionLoss, VESchedule, VPSchedule, WrappedNormalKernel  # noqa: E402
+from orbit_pyg.integrations.crystal.orbits import TorusTranslation  # noqa: E402
 from orbit_pyg.diagnostics import gradient_variance  # noqa: E402
 from orbit_pyg.nn import PositionTransformer  # noqa: E402
 
@@ -140,6 +154,88 @@ def mean_ess(loss: OrbitDiffusionLoss, data, t: torch.Tensor, draws: int, seed: 
         return float(torch.stack([loss.corrupt(data, gen, t=t).ess.mean() for _ in range(draws)]).mean())
 
 
+_PEROVSKITE = torch.tensor(
+    [[0.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, 0.5, 0.0], [0.5, 0.0, 0.5], [0.0, 0.5, 0.5]], dtype=torch.float64
+)
+
+
+def perovskite_batch(num_graphs: int, seed: int) -> Batch:
+    """ABX3 cells in fractional coordinates: ideal sites + 0.02 jitter + a random global shift, mod 1."""
+    gen = torch.Generator().manual_seed(seed)
+    data = []
+    for _ in range(num_graphs):
+        frac = _PEROVSKITE + 0.02 * torch.randn(5, 3, generator=gen, dtype=torch.float64)
+        frac = torch.remainder(frac + torch.rand(1, 3, generator=gen, dtype=torch.float64), 1.0)
+        data.append(Data(frac_coords=frac.float(), z=torch.tensor([38, 22, 8, 8, 8]), num_nodes=5))
+    return Batch.from_data_list(data)
+
+
+def crystal_section(args, draws: int, levels: int) -> dict:
+    """Gradient variance of augment / sampled orbit / exact orbit on the torus (see module docstring, iv)."""
+    data = perovskite_batch(8, args.seed)
+    sched = VESchedule(0.005, 0.5)
+    common = dict(parameterization="score", kernel=WrappedNormalKernel(), pos_key="frac_coords")
+    losses = {
+        "augment": OrbitDiffusionLoss(sched, TorusTranslation(args.crystal_k), mode="augment", **common),
+        "orbit_uniform": OrbitDiffusionLoss(sched, TorusTranslation(args.crystal_k), mode="orbit", **common),
+        "orbit_exact": OrbitDiffusionLoss(sched, TorusTranslation(proposal="exact"), mode="orbit", **common),
+    }
+    torch.manual_seed(args.seed)
+    model = PositionTransformer(hidden=args.hidden, num_layers=args.layers, heads=4, species_key="z")
+    sigmas = torch.logspace(math.log10(0.005), math.log10(0.5), levels, dtype=torch.float64)
+    times = (torch.log(sigmas / 0.005) / math.log(0.5 / 0.005)).clamp(0.0, 1.0)
+    rows = []
+    for i, (sig, t_val) in enumerate(zip(sigmas.tolist(), times.tolist())):
+        t = torch.full((data.num_graphs,), t_val, dtype=torch.float64)
+        seed = args.seed + 5000 + 1000 * i
+        row, grads = {"sigma": sig}, {}
+        for name, loss in losses.items():
+            out = gradient_variance(fixed_time_loss(loss, t), model, data, num_draws=draws, seed=seed)
+            row[name], grads[name] = out["total_variance"], out["grads"]
+        boot = torch.Generator().manual_seed(seed + 7)
+        row["uniform_ci"] = paired_bootstrap_ci(grads["orbit_uniform"], grads["augment"], args.bootstrap, boot)
+        row["exact_ci"] = paired_bootstrap_ci(grads["orbit_exact"], grads["augment"], args.bootstrap, boot)
+        row["exact_vs_uniform_ci"] = paired_bootstrap_ci(grads["orbit_exact"], grads["orbit_uniform"], args.bootstrap, boot)
+        rows.append(row)
+    corrupt_ms = corrupt_times(losses, data, float(times[len(times) // 2]), args.seed)
+    hdr = (f"{'sigma':>8} {'Var augm':>10} {'Var orb-u':>10} {'Var exact':>10} {'orb-u/aug (90% CI)':>20} "
+           f"{'exact/aug (90% CI)':>20} {'exact/orb-u (90% CI)':>21}")
+    print(f"\ncrystals: {data.num_graphs} ABX3 cells, torus translations, K={args.crystal_k} uniform vs exact, "
+          f"score target, {draws} draws\n" + hdr + "\n" + "-" * len(hdr))
+    for r in rows:
+        print(f"{r['sigma']:>8.4f} {r['augment']:>10.3e} {r['orbit_uniform']:>10.3e} {r['orbit_exact']:>10.3e} "
+              f"{_fmt_ratio(r['orbit_uniform'] / r['augment'], r['uniform_ci']):>20} "
+              f"{_fmt_ratio(r['orbit_exact'] / r['augment'], r['exact_ci']):>20} "
+              f"{_fmt_ratio(r['orbit_exact'] / r['orbit_uniform'], r['exact_vs_uniform_ci']):>21}")
+    print("median ms per corrupt() call: " + ", ".join(f"{n} {v:.2f}" for n, v in corrupt_ms.items()))
+    return {
+        "sigmas": [round(r["sigma"], 6) for r in rows],
+        "K": args.crystal_k,
+        "grad_var_ratio": [round(r["orbit_uniform"] / r["augment"], 4) for r in rows],
+        "grad_var_ratio_exact": [round(r["orbit_exact"] / r["augment"], 4) for r in rows],
+        "exact_vs_uniform": [round(r["orbit_exact"] / r["orbit_uniform"], 4) for r in rows],
+        "exact_vs_uniform_ci90": [[round(v, 4) for v in r["exact_vs_uniform_ci"]] for r in rows],
+        "grad_var": {n: [float(f"{r[n]:.4e}") for r in rows] for n in losses},
+        "corrupt_ms": corrupt_ms,
+    }
+
+
+def corrupt_times(losses: dict, data, t_val: float, seed: int, repeats: int = 15) -> dict:
+    """Median wall milliseconds of ``loss.corrupt`` per loss at one fixed time (after one warm-up call)."""
+    t = torch.full((data.num_graphs,), float(t_val), dtype=torch.float64)
+    out = {}
+    for name, loss in losses.items():
+        gen = torch.Generator().manual_seed(seed)
+        loss.corrupt(data, gen, t=t)
+        samples = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            loss.corrupt(data, gen, t=t)
+            samples.append(1e3 * (time.perf_counter() - t0))
+        out[name] = round(sorted(samples)[len(samples) // 2], 3)
+    return out
+
+
 def _fmt_ratio(value: float, ci) -> str:
     return f"{value:.3f} ({ci[0]:.2f}-{ci[1]:.2f})"
 
@@ -152,9 +248,11 @@ def make_plot(path: Path, sigmas, variances: dict, ess_u, ess_g, k: int, title: 
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    styles = {"plain": ("k", ":"), "augment": ("tab:red", "-"), "orbit_uniform": ("tab:blue", "-"), "orbit_guided": ("tab:green", "--")}
+    styles = {"plain": ("k", ":"), "augment": ("tab:red", "-"), "orbit_uniform": ("tab:blue", "-"), "orbit_guided": ("tab:green", "--"),
+              "orbit_exact": ("tab:purple", "-.")}
     labels = {"plain": "plain (no symmetry)", "augment": "augment (1 random rotation)",
-              "orbit_uniform": f"orbit, uniform SO(3), K={k}", "orbit_guided": f"orbit, guided SO(3), K={k}"}
+              "orbit_uniform": f"orbit, uniform SO(3), K={k}", "orbit_guided": f"orbit, guided SO(3), K={k}",
+              "orbit_exact": "orbit, exact SO(3) (matrix Fisher)"}
     for name, values in variances.items():
         c, ls = styles[name]
         ax1.plot(sigmas, values, color=c, linestyle=ls, marker="o", ms=3, label=labels[name])
@@ -200,6 +298,9 @@ def main(argv=None):
         help="torch threads (default 1: the ops are tiny, and on a shared machine a second OpenMP thread "
         "that gets descheduled makes every op wait; measured 50-100x slower per draw under load)",
     )
+    ap.add_argument("--crystal-levels", type=int, default=None,
+                    help="noise levels of the crystal (torus) section (default 4, quick 2; 0 skips it)")
+    ap.add_argument("--crystal-k", type=int, default=1000, help="uniform torus translations of the sampled estimator")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--plot", default="outputs/variance.png", help="PNG path for the plot ('' to skip)")
     args = ap.parse_args(argv)
@@ -223,6 +324,7 @@ def main(argv=None):
         "augment": OrbitDiffusionLoss(schedule, SO3(k), mode="augment", parameterization=p),
         "orbit_uniform": OrbitDiffusionLoss(schedule, SO3(k), mode="orbit", parameterization=p),
         "orbit_guided": OrbitDiffusionLoss(schedule, SO3(k, proposal="guided"), mode="orbit", parameterization=p),
+        "orbit_exact": OrbitDiffusionLoss(schedule, SO3(proposal="exact"), mode="orbit", parameterization=p),
     }
     print(
         f"batch: {data.num_graphs} G2 molecules, {data.num_nodes} atoms ({', '.join(names)})\n"
@@ -247,26 +349,36 @@ def main(argv=None):
             row[name] = out["total_variance"]
             grads[name] = out["grads"]
         boot = torch.Generator().manual_seed(seed + 7)
-        for name in ("orbit_uniform", "orbit_guided"):
+        for name in ("orbit_uniform", "orbit_guided", "orbit_exact"):
             row[name + "_ci"] = paired_bootstrap_ci(grads[name], grads["augment"], args.bootstrap, boot)
+        for name in ("orbit_uniform", "orbit_guided"):
+            row["exact_vs_" + name + "_ci"] = paired_bootstrap_ci(grads["orbit_exact"], grads[name], args.bootstrap, boot)
         rows.append(row)
         print(f"  level {i + 1}/{levels} sigma/alpha={ratio:.2e} done ({time.perf_counter() - start:.0f}s)", flush=True)
 
     hdr = (
         f"{'sigma/alpha':>11} {'t':>8} {'ESS unif':>9} {'ESS guid':>9} {'Var plain':>10} {'Var augm':>10} "
-        f"{'Var orb-u':>10} {'Var orb-g':>10} {'orb-u/aug (90% CI)':>20} {'orb-g/aug (90% CI)':>20}"
+        f"{'Var orb-u':>10} {'Var orb-g':>10} {'Var exact':>10} {'orb-u/aug (90% CI)':>20} {'orb-g/aug (90% CI)':>20} "
+        f"{'exact/aug (90% CI)':>20} {'exact/orb-u (90% CI)':>21} {'exact/orb-g (90% CI)':>21}"
     )
     print("\n" + hdr)
     print("-" * len(hdr))
     for r in rows:
         print(
             f"{r['ratio']:>11.2e} {r['t']:>8.5f} {r['ess_uniform']:>9.2f} {r['ess_guided']:>9.2f} {r['plain']:>10.3e} "
-            f"{r['augment']:>10.3e} {r['orbit_uniform']:>10.3e} {r['orbit_guided']:>10.3e} "
+            f"{r['augment']:>10.3e} {r['orbit_uniform']:>10.3e} {r['orbit_guided']:>10.3e} {r['orbit_exact']:>10.3e} "
             f"{_fmt_ratio(r['orbit_uniform'] / r['augment'], r['orbit_uniform_ci']):>20} "
-            f"{_fmt_ratio(r['orbit_guided'] / r['augment'], r['orbit_guided_ci']):>20}"
+            f"{_fmt_ratio(r['orbit_guided'] / r['augment'], r['orbit_guided_ci']):>20} "
+            f"{_fmt_ratio(r['orbit_exact'] / r['augment'], r['orbit_exact_ci']):>20} "
+            f"{_fmt_ratio(r['orbit_exact'] / r['orbit_uniform'], r['exact_vs_orbit_uniform_ci']):>21} "
+            f"{_fmt_ratio(r['orbit_exact'] / r['orbit_guided'], r['exact_vs_orbit_guided_ci']):>21}"
         )
     print(f"(Var = trace Cov of the parameter gradient over {draws} draws with common random numbers; "
           f"intervals: paired bootstrap, {args.bootstrap} resamples)")
+
+    corrupt_ms = corrupt_times(losses, data, times[len(times) // 2], args.seed)
+    print("median ms per corrupt() call (noise + target) at sigma/alpha = "
+          f"{float(ratios[len(ratios) // 2]):.2e}: " + ", ".join(f"{n} {v:.2f}" for n, v in corrupt_ms.items()))
 
     sigmas = [r["ratio"] for r in rows]
     if args.plot:
@@ -277,6 +389,9 @@ def main(argv=None):
         )
         print(f"plot written to {args.plot}")
 
+    crystal_levels = args.crystal_levels if args.crystal_levels is not None else (2 if args.quick else 4)
+    crystal = crystal_section(args, draws, crystal_levels) if crystal_levels > 0 else None
+
     result = {
         "sigmas": [round(s, 6) for s in sigmas],
         "t": [round(r["t"], 6) for r in rows],
@@ -286,6 +401,13 @@ def main(argv=None):
         "grad_var_ratio_guided": [round(r["orbit_guided"] / r["augment"], 4) for r in rows],
         "grad_var_ratio_ci90": [[round(v, 4) for v in r["orbit_uniform_ci"]] for r in rows],
         "grad_var_ratio_guided_ci90": [[round(v, 4) for v in r["orbit_guided_ci"]] for r in rows],
+        "grad_var_ratio_exact": [round(r["orbit_exact"] / r["augment"], 4) for r in rows],
+        "grad_var_ratio_exact_ci90": [[round(v, 4) for v in r["orbit_exact_ci"]] for r in rows],
+        "exact_vs_uniform": [round(r["orbit_exact"] / r["orbit_uniform"], 4) for r in rows],
+        "exact_vs_uniform_ci90": [[round(v, 4) for v in r["exact_vs_orbit_uniform_ci"]] for r in rows],
+        "exact_vs_guided": [round(r["orbit_exact"] / r["orbit_guided"], 4) for r in rows],
+        "exact_vs_guided_ci90": [[round(v, 4) for v in r["exact_vs_orbit_guided_ci"]] for r in rows],
+        "corrupt_ms": corrupt_ms,
         "grad_var": {name: [float(f"{r[name]:.4e}") for r in rows] for name in losses},
         "K": k,
         "draws": draws,
@@ -294,6 +416,7 @@ def main(argv=None):
         "params": n_params,
         "molecules": data.num_graphs,
         "quick": bool(args.quick),
+        "crystal": crystal,
         "seconds": round(time.perf_counter() - start, 1),
     }
     print(json.dumps(result))

@@ -127,8 +127,10 @@ def crystal_orbit(
 ) -> Orbit:
     """The crystal orbit: torus translations × (optional) lattice permutations × (optional) species.
 
-    ``lattice``: ``False``, ``True`` / ``"perm"`` (6 elements) or ``"signed"`` (48). ``species``:
-    ``max_candidates`` of species permutations (0 = off).
+    ``proposal``: ``"uniform"``, ``"wrapped_normal"``, ``"guided"`` or ``"exact"`` (the shift integrated
+    out per axis by quadrature; ``translations`` is then unused). ``lattice``: ``False``, ``True`` /
+    ``"perm"`` (6 elements) or ``"signed"`` (48). ``species``: ``max_candidates`` of species
+    permutations (0 = off).
     """
     parts: list[Orbit] = [TorusTranslation(translations, proposal=proposal)]
     if lattice:

@@ -13,7 +13,13 @@ of :class:`~orbit_pyg.orbits.OrbitCandidates`. Proposals, with densities w.r.t. 
 * ``"guided"``: centred on the circular-mean alignment
   ``m*_d = atan2(sum_i sin 2pi(x_t,id - x0,id), sum_i cos 2pi(x_t,id - x0,id)) / 2pi`` — the posterior
   mode for small sigma — with width ``tau = width · sigma_t / sqrt(n)`` (the posterior's width), mixed
-  with uniform: ``nu(m) = lambda + (1 - lambda) prod_d WN(m_d - m*_d; tau)``.
+  with uniform: ``nu(m) = lambda + (1 - lambda) prod_d WN(m_d - m*_d; tau)``;
+* ``"exact"``: no samples. The wrapped-normal posterior over ``m`` factorizes into three 1-D
+  posteriors, one per axis, and the score target of atom ``i`` along axis ``d`` depends on ``m_d``
+  alone, so ``E[score_id] = ∫ p_d(m_d) score_WN(x_t,id − x0,id − m_d; sigma) dm_d`` is evaluated by
+  quadrature (periodic trapezoid rule, or a local grid around the mode when the posterior is
+  narrow; :mod:`orbit_pyg.orbits.torus_quadrature`). With lattice or species permutations each
+  candidate is integrated the same way and weighted by its log-normalizer in the joint softmax.
 
 **Lattice permutation** (EquiCSP): relabelling the basis vectors ``(a, b, c)`` leaves the crystal
 unchanged: ``L -> P L`` (rows of the lattice) and ``F -> F Pᵀ`` (each ``f_i -> P f_i``); Cartesian
@@ -38,7 +44,7 @@ from orbit_pyg.kernels import WrappedNormalKernel
 from orbit_pyg.orbits.base import Orbit, OrbitCandidates, OrbitContext
 
 _WN = WrappedNormalKernel()
-_TORUS_PROPOSALS = ("uniform", "wrapped_normal", "guided")
+_TORUS_PROPOSALS = ("uniform", "wrapped_normal", "guided", "exact")
 
 
 def _log_wn(d: Tensor, scale: Tensor) -> Tensor:
@@ -60,10 +66,12 @@ class TorusTranslation(Orbit):
 
     Args:
         num_candidates: ``K`` per crystal, the identity (zero shift) included (the paper: 1000).
-        proposal: ``"uniform"``, ``"wrapped_normal"`` or ``"guided"``.
+        proposal: ``"uniform"``, ``"wrapped_normal"``, ``"guided"`` or ``"exact"`` (shift integrated out
+            by quadrature; ``num_candidates`` is ignored).
         scale: ``c`` of the wrapped-normal proposal (``c · sigma_t``).
         width: guided width in units of the posterior width ``sigma_t / sqrt(n)``.
         uniform_fraction: share of uniform draws in the guided mixture.
+        quadrature_nodes: nodes per axis of the exact proposal's quadrature.
 
     Example:
         >>> import torch
@@ -83,6 +91,7 @@ class TorusTranslation(Orbit):
         scale: float = 2.0,
         width: float = 2.0,
         uniform_fraction: float = 0.25,
+        quadrature_nodes: int = 64,
     ):
         if int(num_candidates) < 1:
             raise ValueError(f"`num_candidates` must be >= 1, got {num_candidates}")
@@ -92,13 +101,21 @@ class TorusTranslation(Orbit):
             raise ValueError(f"`uniform_fraction` must lie in (0, 1], got {uniform_fraction}")
         self.num_candidates, self.proposal = int(num_candidates), proposal
         self.scale, self.width, self.uniform_fraction = float(scale), float(width), float(uniform_fraction)
+        if int(quadrature_nodes) < 8:
+            raise ValueError(f"`quadrature_nodes` must be >= 8, got {quadrature_nodes}")
+        self.quadrature_nodes = int(quadrature_nodes)
 
     def _repr_args(self) -> dict:
+        if self.proposal == "exact":
+            return {"proposal": "exact"}
         return {"num_candidates": self.num_candidates, "proposal": self.proposal}
 
     def candidates(self, ctx: OrbitContext, generator: Optional[torch.Generator] = None) -> OrbitCandidates:
         b, k = ctx.num_graphs, self.num_candidates - 1
         device = ctx.x0.device
+        if self.proposal == "exact":
+            zero = torch.zeros(b, 1, 3, dtype=torch.float64, device=device)
+            return OrbitCandidates(b, shift=zero, exact_shift=self.quadrature_nodes)
         sigma = ctx.sigma.clamp(min=1e-12).view(b, 1, 1)
         zero = torch.zeros(b, 1, 3, dtype=torch.float64, device=device)
         uniform = torch.rand(b, k, 3, generator=generator, dtype=torch.float64, device=device)

@@ -71,6 +71,21 @@ class OrbitCandidates:
     (``[B, K_factor]``): extra log-likelihood terms that depend on that factor alone and enter the
     weight as ``+ log_lik`` — e.g. the lattice kernel ``log q(L_t | P L0)`` of a lattice-permutation
     candidate, so that one joint softmax covers coordinates and lattice.
+
+    **Exact (marginalized) factors.** Two continuous factors can be integrated out in closed form
+    instead of sampled (the ``"exact"`` proposals):
+
+    * ``exact_linear``: every linear candidate ``A_l`` (orthogonal) stands for the whole coset
+      ``SO(3) · A_l``, integrated over Haar measure by the estimator (matrix Fisher posterior, see
+      :mod:`orbit_pyg.orbits.matrix_fisher`); ``SO(3)`` has the one coset ``{I}``, ``O(3)`` the two
+      ``{I, −I}``. Composing with other orthogonal linear factors keeps this form
+      (``B R A = (B R Bᵀ) B A`` and ``B R Bᵀ`` is Haar again).
+    * ``exact_shift``: the shift candidates stand for the whole torus ``[0, 1)^3`` of translations,
+      integrated per axis by the estimator with ``exact_shift`` quadrature nodes
+      (:mod:`orbit_pyg.orbits.torus_quadrature`); ``0`` means sampled shifts.
+
+    The weights (and ESS) then range over the remaining discrete candidates (permutations,
+    cosets, lattice relabellings): one candidate per graph gives ``ESS = 1`` with an exact target.
     """
 
     num_graphs: int
@@ -86,6 +101,8 @@ class OrbitCandidates:
     shift_log_nu: Optional[Tensor] = None
     shift_mask: Optional[Tensor] = None
     shift_log_lik: Optional[Tensor] = None
+    exact_linear: bool = False
+    exact_shift: int = 0
 
     # --- sizes -------------------------------------------------------------------------------
     def factor_size(self, kind: str) -> int:
@@ -168,6 +185,8 @@ class OrbitCandidates:
     def combine(self, other: "OrbitCandidates") -> "OrbitCandidates":
         """Product of two candidate sets: every pair ``g ∘ h``, factor by factor."""
         out = replace(self)
+        out.exact_linear = self.exact_linear or other.exact_linear
+        out.exact_shift = max(self.exact_shift, other.exact_shift)
         for kind in _KINDS:
             mine, theirs = getattr(self, kind), getattr(other, kind)
             if theirs is None:

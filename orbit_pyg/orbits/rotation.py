@@ -24,6 +24,12 @@ weights stay bounded by ``1 / lambda``.
 
 **O(3)** = SO(3) × {I, −I}: half of the candidates are proper rotations, half are improper
 (``−R``), each half with its own Kabsch centre (of ``M`` and of ``−M``).
+
+**Exact.** No samples: under the Haar prior the posterior over SO(3) is matrix Fisher with
+parameter ``F = (alpha / sigma^2) M`` (``M = sum_i x_t,i y_iᵀ``), whose normalizer ``c(F)`` and mean
+``E[R]`` are 1-D integrals (:mod:`orbit_pyg.orbits.matrix_fisher`). The candidates are the coset
+representatives (``{I}``, or ``{I, −I}`` for O(3)) flagged ``exact_linear``; the estimator scores
+each (permutation, coset) pair by ``log c(M_P Aᵀ)`` and uses ``E[R] A P x0`` as its target.
 """
 from __future__ import annotations
 
@@ -35,7 +41,7 @@ from torch import Tensor
 
 from .base import Orbit, OrbitCandidates, OrbitContext
 
-_PROPOSALS = ("uniform", "guided")
+_PROPOSALS = ("uniform", "guided", "exact")
 
 
 # --- SO(3) math -----------------------------------------------------------------------------
@@ -133,7 +139,8 @@ class SO3(Orbit):
 
     Args:
         num_candidates: candidates per graph, the identity included (``K``).
-        proposal: ``"uniform"`` (Haar, the paper's scheme) or ``"guided"`` (see module docstring).
+        proposal: ``"uniform"`` (Haar, the paper's scheme), ``"guided"`` or ``"exact"`` (closed-form
+            matrix Fisher marginal, no samples: ``num_candidates`` is ignored; see module docstring).
         uniform_fraction: share of Haar samples in the guided mixture (``lambda``).
         width: guided width relative to the posterior's angular scale.
         tau_max: largest tangent-space standard deviation of the guided proposal.
@@ -171,6 +178,8 @@ class SO3(Orbit):
         self.width, self.tau_max = float(width), float(tau_max)
 
     def _repr_args(self) -> dict:
+        if self.proposal == "exact":
+            return {"proposal": "exact"}
         args = {"num_candidates": self.num_candidates, "proposal": self.proposal}
         if self.proposal == "guided":
             args["uniform_fraction"] = self.uniform_fraction
@@ -228,7 +237,14 @@ class SO3(Orbit):
         scale = ctx.alpha / ctx.sigma.clamp(min=1e-12) ** 2
         return m, scale
 
+    def _exact(self, ctx: OrbitContext, cosets: Tensor) -> OrbitCandidates:
+        """Coset representatives ``[B, k, 3, 3]`` flagged for closed-form marginalization."""
+        linear = cosets.to(device=ctx.x0.device).expand(ctx.num_graphs, -1, -1, -1)
+        return OrbitCandidates(ctx.num_graphs, linear=linear, exact_linear=True)
+
     def candidates(self, ctx: OrbitContext, generator=None) -> OrbitCandidates:
+        if self.proposal == "exact":
+            return self._exact(ctx, torch.eye(3, dtype=torch.float64).unsqueeze(0))
         m, scale = self._moment(ctx)
         b = ctx.num_graphs
         eye = torch.eye(3, dtype=torch.float64, device=m.device).expand(b, 1, 3, 3)
@@ -247,12 +263,17 @@ class O3(SO3):
 
     Half of the ``num_candidates`` (rounded down, at least one) are improper ``−R``; with the guided
     proposal each half is centred on its own Kabsch solution, so the estimator stays equivariant
-    under reflections of ``x_t``. Same arguments as :class:`SO3`.
+    under reflections of ``x_t``. With ``proposal="exact"`` the two components are integrated in
+    closed form (matrix Fisher with ``F`` and ``−F``) and weighted by their normalizers in the same
+    softmax. Same arguments as :class:`SO3`.
     """
 
     improper = True
 
     def candidates(self, ctx: OrbitContext, generator=None) -> OrbitCandidates:
+        if self.proposal == "exact":  # the two components, each integrated in closed form
+            eye = torch.eye(3, dtype=torch.float64)
+            return self._exact(ctx, torch.stack([eye, -eye]))
         m, scale = self._moment(ctx)
         b = ctx.num_graphs
         k_improper = max(1, self.num_candidates // 2)
