@@ -257,3 +257,26 @@ def test_bad_inputs_raise_clear_errors():
         net(data.z, data.frac_coords, data.cell, times(2), data.batch, 3)
     with pytest.raises(ValueError, match="lattice_input"):
         CSPNet(lattice_input="cartesian")
+
+
+@pytest.mark.parametrize("lattice_input", ["gram", "fixed_basis"])
+def test_encode_is_the_trunk_forward_reads(lattice_input):
+    """CSPNet.encode gives exactly (bitwise) the features the heads of forward read, conditioned or not."""
+    from torch_geometric.utils import scatter
+
+    data = make_crystals()
+    b = data.num_graphs
+    for cond_dim in (0, 3):
+        net = small_net(lattice_input=lattice_input, cond_dim=cond_dim)
+        kw = {}
+        if cond_dim:
+            torch.nn.init.normal_(net.cond_film.weight, std=0.3)
+            kw = {"cond": torch.randn(b, cond_dim, dtype=torch.float64)}
+        h = net.encode(data.z, data.frac_coords, data.cell, times(b), data.batch, b, **kw)
+        lat, coord = net(data.z, data.frac_coords, data.cell, times(b), data.batch, b, **kw)
+        assert h.shape == (data.num_nodes, net.hidden)
+        assert torch.equal(net.coord_head(h), coord)
+        m = net.lattice_head(scatter(h, data.batch, dim=0, dim_size=b, reduce="mean")).view(b, 3, 3)
+        assert torch.equal(m @ data.cell if lattice_input == "gram" else m, lat)
+        if cond_dim:  # the condition enters the trunk
+            assert (net.encode(data.z, data.frac_coords, data.cell, times(b), data.batch, b) - h).abs().max() > 1e-6

@@ -47,6 +47,18 @@ class CSPConfig:
     Training: ``steps``, ``batch_size``, ``lr``, ``grad_clip``, ``ema_decay``, ``seed``,
     ``scheduler`` (``None`` / ``"cosine"`` / ``"plateau"``). Sampling: ``sample_steps``, ``step_lr``,
     ``lattice_clip`` (Å; :func:`train_csp` sets it to 1.5 × the largest training lattice entry).
+    Conditioning (:mod:`.condition`): ``condition`` (``"none"`` / ``"text"`` / ``"props"`` /
+    ``"text+props"``), ``cond_dim`` (width of the condition vector; :func:`train_csp` reads it from
+    the data), ``cond_drop_prob`` (classifier-free-guidance dropout), ``guidance`` (scale ``s`` at
+    sampling, :func:`~.condition.guided_model`: 1 = plain conditional, the default; 0 = unconditioned;
+    > 1 = stronger guidance), ``cond_text`` (``"short"`` / ``"long"`` descriptions),
+    ``cond_props`` (property columns) and ``cond_stats`` (their train-split normalizer). With
+    ``condition="none"`` the model and checkpoints are those of an unconditioned run.
+
+    ``guidance_convention`` records the meaning of ``guidance``: ``"s"`` (the only one kept after
+    construction; ``o(null) + s (o(c) - o(null))``). ``"w"`` reads a value in the convention of
+    older runs, ``(1 + w) o(c) - w o(null)``, and converts it to ``s = 1 + w``;
+    :func:`load_model` assumes ``"w"`` for a saved ``config.json`` without the key.
     """
 
     hidden: int = 256
@@ -69,7 +81,26 @@ class CSPConfig:
     sample_steps: int = 1000
     step_lr: float = 5e-7
     lattice_clip: Optional[float] = None
+    condition: str = "none"
+    cond_dim: int = 0
+    cond_drop_prob: float = 0.1
+    guidance: float = 1.0
+    guidance_convention: str = "s"
+    cond_text: str = "short"
+    cond_props: list = field(default_factory=lambda: ["heat_all", "dir_gap"])
+    cond_stats: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        from .condition import CONDITIONS
+
+        if self.condition not in CONDITIONS:
+            raise ValueError(f"`condition` must be one of {CONDITIONS}, got {self.condition!r}")
+        if self.guidance_convention == "w":  # older runs: (1 + w) o(c) - w o(null) is s = 1 + w
+            self.guidance, self.guidance_convention = 1.0 + float(self.guidance), "s"
+        elif self.guidance_convention != "s":
+            raise ValueError(f"`guidance_convention` must be 's' (o(null) + s (o(c) - o(null))) or 'w' (older runs: "
+                             f"(1 + w) o(c) - w o(null)), got {self.guidance_convention!r}")
 
     @classmethod
     def from_dict(cls, values: dict) -> "CSPConfig":
@@ -84,8 +115,11 @@ class CSPConfig:
 
 
 def make_model(cfg: CSPConfig) -> CSPNet:
-    """The denoiser of ``cfg``."""
-    return CSPNet(hidden=cfg.hidden, num_layers=cfg.layers, n_freq=cfg.n_freq, lattice_input=cfg.lattice_input)
+    """The denoiser of ``cfg`` (conditioned through FiLM when ``cfg.condition != "none"``)."""
+    kwargs = {"cond_dim": cfg.cond_dim} if cfg.condition != "none" else {}
+    if kwargs and cfg.cond_dim < 1:
+        raise ValueError(f"condition={cfg.condition!r} needs cond_dim >= 1 (train_csp reads it from the data's `cond`)")
+    return CSPNet(hidden=cfg.hidden, num_layers=cfg.layers, n_freq=cfg.n_freq, lattice_input=cfg.lattice_input, **kwargs)
 
 
 def make_diffusion(cfg: CSPConfig) -> CrystalDiffusion:
@@ -95,7 +129,12 @@ def make_diffusion(cfg: CSPConfig) -> CrystalDiffusion:
 def make_loss(cfg: CSPConfig, diffusion: Optional[CrystalDiffusion] = None) -> CrystalDiffusionLoss:
     """The training loss of ``cfg`` (one option switches plain / augment / orbit)."""
     orbit = crystal_orbit(cfg.translations, cfg.proposal, cfg.lattice_orbit, cfg.species)
-    return CrystalDiffusionLoss(cfg.mode, orbit, diffusion or make_diffusion(cfg))
+    loss = CrystalDiffusionLoss(cfg.mode, orbit, diffusion or make_diffusion(cfg))
+    if cfg.condition != "none":
+        from .condition import ConditionalLoss
+
+        return ConditionalLoss(loss, cfg.cond_drop_prob)
+    return loss
 
 
 def train_csp(
@@ -109,8 +148,16 @@ def train_csp(
     """Train a CSP model; returns the model carrying its EMA weights and the logged history.
 
     With ``out_dir`` the run checkpoints (``last.pt``, resumable), logs ``metrics.jsonl`` and writes
-    ``config.json``.
+    ``config.json``. A conditional ``cfg`` needs every crystal to carry ``cond [1, d]``
+    (:func:`~.condition.attach_conditions`; NaN rows count as missing and train the null condition).
     """
+    if cfg.condition != "none":
+        from .condition import stack_conditions
+
+        dims = stack_conditions(train_data).size(1)
+        if cfg.cond_dim and cfg.cond_dim != dims:
+            raise ValueError(f"cfg.cond_dim={cfg.cond_dim} but the training data's `cond` has width {dims}")
+        cfg.cond_dim = dims
     torch.manual_seed(cfg.seed)
     if cfg.lattice_clip is None:
         cfg.lattice_clip = 1.5 * max(float(d.cell.abs().max()) for d in train_data)
@@ -140,15 +187,26 @@ def generate(
     seed: int = 0,
     num_steps: Optional[int] = None,
     step_lr: Optional[float] = None,
+    *,
+    cond: Optional[torch.Tensor] = None,
+    guidance: Optional[float] = None,
 ) -> list[Data]:
     """One generated crystal per reference, with the reference's composition (CSP).
 
     Returns ``Data`` with ``z``, ``frac_coords``, ``cell [1, 3, 3]``; feed them to
-    :func:`~.metrics.csp_metrics` or :func:`~.convert.data_to_structure`.
+    :func:`~.metrics.csp_metrics` or :func:`~.convert.data_to_structure`. A conditional model takes
+    ``cond`` (``[len(references), d]``, or ``[1, d]`` for one condition for all; ``None``: the
+    null condition) and the guidance scale ``guidance`` (default ``cfg.guidance``).
     """
     diffusion = make_diffusion(cfg)
     sampler = PredictorCorrector(model, diffusion, num_steps=cfg.sample_steps if num_steps is None else num_steps,
-                                 step_lr=cfg.step_lr if step_lr is None else step_lr, lattice_clip=cfg.lattice_clip)
+                                 step_lr=cfg.step_lr if step_lr is None else step_lr, lattice_clip=cfg.lattice_clip,
+                                 guidance=cfg.guidance if guidance is None else guidance)
+    if cond is not None:
+        cond = torch.as_tensor(cond, dtype=torch.float32)
+        if cond.dim() != 2 or cond.size(0) not in (1, len(references)):
+            raise ValueError(f"`cond` must have shape [{len(references)}, d] or [1, d], got {list(cond.shape)}")
+        cond = cond.expand(len(references), -1)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     model.eval()
@@ -156,7 +214,8 @@ def generate(
     for start in range(0, len(references), batch_size):
         chunk = Batch.from_data_list([Data(z=r.z, num_nodes=r.z.numel()) for r in references[start:start + batch_size]])
         z, batch = chunk.z.to(device), chunk.batch.to(device)
-        frac, cell = sampler.sample(z, batch, chunk.num_graphs, generator=generator)
+        c = None if cond is None else cond[start:start + batch_size].to(device)
+        frac, cell = sampler.sample(z, batch, chunk.num_graphs, generator=generator, cond=c)
         frac, cell = frac.cpu(), cell.cpu()
         for i in range(chunk.num_graphs):
             lo, hi = int(chunk.ptr[i]), int(chunk.ptr[i + 1])
@@ -172,11 +231,17 @@ def evaluate(generated: Sequence[Data], references: Sequence[Data], workers: int
 
 
 def load_model(run_dir: str) -> tuple[CSPNet, CSPConfig]:
-    """Model (EMA weights when saved) and configuration of a run folder written by :func:`train_csp`."""
+    """Model (EMA weights when saved) and configuration of a run folder written by :func:`train_csp`.
+
+    A ``config.json`` without ``guidance_convention`` was written by an older version, whose
+    ``guidance = w`` meant ``(1 + w) o(c) - w o(null)``: it is read as ``s = 1 + w``.
+    """
     from orbit_pyg.training import load_checkpoint
 
     with open(os.path.join(run_dir, "config.json")) as fh:
-        cfg = CSPConfig.from_dict(json.load(fh))
+        values = json.load(fh)
+    values.setdefault("guidance_convention", "w")  # saved before the key existed: the older convention
+    cfg = CSPConfig.from_dict(values)
     model = make_model(cfg)
     load_checkpoint(os.path.join(run_dir, "last.pt"), model, ema=True)
     return model, cfg

@@ -36,6 +36,23 @@ Lattice input ``G_b`` (option ``lattice_input``):
   non-invariant network of the orbit-diffusion setting where augmentation or Rao-Blackwellization
   has to supply the symmetry.
 
+Condition (``cond_dim > 0``; off by default, and then the module, its parameters and its outputs
+are exactly the unconditioned network above). A per-crystal vector ``c_b [B, cond_dim]`` (a text
+embedding, normalized properties, or both concatenated) enters **every** layer by FiLM on the
+pre-normalized features (adaptive LayerNorm, as DiT's adaLN-Zero)::
+
+    e_b = phi_c(c_b)                      [gamma_b^l, beta_b^l]_l = W_f e_b   (l = 1..L, and the final norm)
+    LN(h_i) -> LN(h_i) * (1 + gamma_{b(i)}^l) + beta_{b(i)}^l
+
+Why FiLM rather than concatenation: the condition is per crystal, so FiLM costs ``O(B · hidden)`` per
+layer (gathered onto atoms), whereas concatenating it into the edge input costs ``O(E · cond_dim)``
+for a ``sum_b n_b^2``-edge graph; and with ``W_f`` zero-initialized the conditional network starts as
+exactly the unconditioned one, so conditioning is learned as a correction. ``gamma, beta`` are
+scalars per channel, so the symmetry properties listed above are unchanged (the condition is a
+per-crystal invariant). Classifier-free guidance needs a "no condition" input: a learned null
+vector ``c_null`` (initialized at 0) replaces ``c_b`` where ``cond_drop[b]`` is true, and everywhere
+when ``cond=None`` -- the unconditioned prediction is the same code path fed the null condition.
+
 Cost: the fully connected graph has ``sum_b n_b^2`` edges (memory ``O(sum_b n_b^2)``), built
 vectorized from the per-graph counts (:func:`fully_connected_edges`). The first edge linear layer
 acts on the concatenation above but is evaluated by splitting its weight, so the node and lattice
@@ -135,8 +152,11 @@ class _CSPLayer(nn.Module):
         )
         self.norm = nn.LayerNorm(hidden) if layer_norm else nn.Identity()
 
-    def forward(self, h: Tensor, lat: Tensor, four: Tensor, edge_index: Tensor, edge_graph: Tensor) -> Tensor:
+    def forward(self, h: Tensor, lat: Tensor, four: Tensor, edge_index: Tensor, edge_graph: Tensor,
+                film: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
         x = self.norm(h)
+        if film is not None:  # per-atom (gamma, beta) of the crystal's condition
+            x = x * (1 + film[0]) + film[1]
         hd = self.hidden
         w, b = self.edge_in.weight, self.edge_in.bias
         src, dst = edge_index[0], edge_index[1]
@@ -174,6 +194,9 @@ class CSPNet(nn.Module):
         self_loops: include ``(i, i)`` edges (DiffCSP does; they also give a 1-atom crystal a
             message).
         layer_norm: pre-norm LayerNorm in each layer and before the heads (DiffCSP ``ln=True``).
+        cond_dim: width of the per-crystal condition vector (keyword only; ``0``, the default, builds
+            the unconditioned network with no extra parameters). See the module docstring (FiLM,
+            null condition for classifier-free guidance).
 
     Dtypes and devices: computation runs in the parameters' dtype on their device (float32 unless
     the module is converted, e.g. ``.double()``); inputs are cast to it and outputs are returned in
@@ -200,6 +223,8 @@ class CSPNet(nn.Module):
         lattice_input: str = "gram",
         self_loops: bool = True,
         layer_norm: bool = True,
+        *,
+        cond_dim: int = 0,
     ):
         super().__init__()
         if lattice_input not in LATTICE_INPUTS:
@@ -217,6 +242,15 @@ class CSPNet(nn.Module):
         self.final_norm = nn.LayerNorm(hidden) if layer_norm else nn.Identity()
         self.coord_head = nn.Linear(hidden, 3, bias=False)
         self.lattice_head = nn.Linear(hidden, 9, bias=False)
+        if int(cond_dim) < 0:
+            raise ValueError(f"`cond_dim` must be >= 0, got {cond_dim}")
+        self.cond_dim = int(cond_dim)
+        if self.cond_dim:  # registered only when conditioned: unconditioned state dicts are unchanged
+            self.cond_null = nn.Parameter(torch.zeros(self.cond_dim))
+            self.cond_mlp = nn.Sequential(nn.Linear(self.cond_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU())
+            self.cond_film = nn.Linear(hidden, 2 * hidden * (num_layers + 1))
+            nn.init.zeros_(self.cond_film.weight)  # adaLN-Zero: starts as the unconditioned network
+            nn.init.zeros_(self.cond_film.bias)
 
     # ------------------------------------------------------------------ inputs
     def _check(self, z: Tensor, frac_t: Tensor, cell_t: Tensor, batch: Optional[Tensor],
@@ -256,24 +290,36 @@ class CSPNet(nn.Module):
             raise ValueError("`cell_t` must be a finite floating tensor")
         return batch, num_graphs
 
-    # ------------------------------------------------------------------ forward
-    def forward(
-        self,
-        z: Tensor,
-        frac_t: Tensor,
-        cell_t: Tensor,
-        t: Tensor | float,
-        batch: Optional[Tensor] = None,
-        num_graphs: Optional[int] = None,
-    ) -> tuple[Tensor, Tensor]:
-        """Return ``(lattice_out [B, 3, 3], coord_out [N, 3])`` for noisy ``(frac_t, cell_t)`` at time ``t``.
+    def _film(self, cond: Optional[Tensor], cond_drop: Optional[Tensor], num_graphs: int, batch: Tensor,
+              dtype: torch.dtype) -> Optional[list[tuple[Tensor, Tensor]]]:
+        """Per-layer per-atom ``(gamma, beta)`` from the condition (``None`` for an unconditioned net)."""
+        if not self.cond_dim:
+            if cond is not None or cond_drop is not None:
+                raise ValueError("this CSPNet has no condition (cond_dim=0): build it with cond_dim > 0 to pass `cond`")
+            return None
+        null = self.cond_null.to(dtype).expand(num_graphs, self.cond_dim)
+        if cond is None:
+            c = null
+        else:
+            if not isinstance(cond, Tensor) or cond.shape != (num_graphs, self.cond_dim):
+                raise ValueError(f"`cond` must have shape [{num_graphs}, {self.cond_dim}] (one condition per crystal), got "
+                                 f"{list(cond.shape) if isinstance(cond, Tensor) else type(cond).__name__}")
+            if not cond.is_floating_point() or not bool(torch.isfinite(cond).all()):
+                raise ValueError("`cond` must be a finite floating tensor (mark missing conditions with `cond_drop`)")
+            c = cond.to(device=null.device, dtype=dtype)
+            if cond_drop is not None:
+                cond_drop = torch.as_tensor(cond_drop, device=null.device)
+                if cond_drop.dtype != torch.bool or cond_drop.shape != (num_graphs,):
+                    raise ValueError(f"`cond_drop` must be a bool tensor of shape [{num_graphs}], got "
+                                     f"{cond_drop.dtype} {list(cond_drop.shape)}")
+                c = torch.where(cond_drop.unsqueeze(-1), null, c)
+        film = self.cond_film(self.cond_mlp(c))[batch].view(batch.numel(), self.num_layers + 1, 2, self.hidden)
+        return [(film[:, k, 0], film[:, k, 1]) for k in range(self.num_layers + 1)]
 
-        Args:
-            z: ``[N]`` atomic numbers; frac_t: ``[N, 3]`` fractional coordinates (any real values:
-            only differences mod 1 enter); cell_t: ``[B, 3, 3]`` lattices, rows = lattice vectors;
-            t: ``[B]`` times in ``[0, 1]`` (or a scalar, broadcast); batch: ``[N]`` sorted graph
-            index (``None``: one crystal); num_graphs: ``B`` (inferred from ``batch`` if omitted).
-        """
+    # ------------------------------------------------------------------ forward
+    def _prepare(self, z: Tensor, frac_t: Tensor, cell_t: Tensor, t: Tensor | float, batch: Optional[Tensor],
+                 num_graphs: Optional[int]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, int]:
+        """Validate the inputs and cast them to the parameters' device / dtype: ``(z, frac, cell, t [B], batch, B)``."""
         batch, num_graphs = self._check(z, frac_t, cell_t, batch, num_graphs)
         dtype, device = self.coord_head.weight.dtype, self.coord_head.weight.device
         t = torch.as_tensor(t, device=device)
@@ -287,28 +333,92 @@ class CSPNet(nn.Module):
         z, batch = z.to(device), batch.to(device)
         frac = frac_t.to(device=device, dtype=dtype)
         cell = cell_t.to(device=device, dtype=dtype)
+        return z, frac, cell, t, batch, num_graphs
 
+    def _trunk(self, z: Tensor, frac: Tensor, cell: Tensor, t: Tensor, batch: Tensor, num_graphs: int,
+               cond: Optional[Tensor], cond_drop: Optional[Tensor]) -> Tensor:
+        """Node features after the final norm (and its FiLM) of prepared inputs (:meth:`_prepare`)."""
+        dtype = frac.dtype
         counts = torch.bincount(batch, minlength=num_graphs)
         ptr = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
         edge_index, edge_graph = fully_connected_edges(ptr, self.self_loops)
 
-        gram = self.lattice_input == "gram"
-        lat = (cell @ cell.transpose(-1, -2) if gram else cell).reshape(num_graphs, 9)
+        lat = (cell @ cell.transpose(-1, -2) if self.lattice_input == "gram" else cell).reshape(num_graphs, 9)
         four = fourier_features(frac[edge_index[1]] - frac[edge_index[0]], self.n_freq)
 
         temb = time_embedding(t, self.time_dim).to(dtype)
         h = self.atom_time(torch.cat([self.species(z.long()), temb[batch]], dim=-1))
-        for layer in self.layers:
-            h = layer(h, lat, four, edge_index, edge_graph)
+        film = self._film(cond, cond_drop, num_graphs, batch, dtype)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, lat, four, edge_index, edge_graph, None if film is None else film[i])
         h = self.final_norm(h)
+        if film is not None:
+            h = h * (1 + film[-1][0]) + film[-1][1]
+        return h
 
+    def encode(
+        self,
+        z: Tensor,
+        frac_t: Tensor,
+        cell_t: Tensor,
+        t: Tensor | float,
+        batch: Optional[Tensor] = None,
+        num_graphs: Optional[int] = None,
+        *,
+        cond: Optional[Tensor] = None,
+        cond_drop: Optional[Tensor] = None,
+    ) -> Tensor:
+        r"""The trunk: node features ``h^L [N, hidden]`` after the final LayerNorm (and its FiLM), before the heads.
+
+        Arguments as :meth:`forward`, which reads its outputs from exactly these features:
+        ``coord_out = W_x h``, ``lattice_out = reshape(W_L mean_{i in b} h_i) @ L_b`` (Gram input).
+        Features are in the parameters' dtype. With the Gram input they are invariant to rotating
+        the lattice and to periodic translations of ``frac_t``, and equivariant to permuting atoms.
+
+        Example:
+            >>> net = CSPNet(hidden=8, num_layers=1, n_freq=2, time_dim=4)
+            >>> z, f, l = torch.tensor([11, 17]), torch.rand(2, 3), 4 * torch.eye(3)[None]
+            >>> h = net.encode(z, f, l, 0.5)
+            >>> h.shape, torch.equal(net.coord_head(h), net(z, f, l, 0.5)[1])
+            (torch.Size([2, 8]), True)
+        """
+        z, frac, cell, t, batch, num_graphs = self._prepare(z, frac_t, cell_t, t, batch, num_graphs)
+        return self._trunk(z, frac, cell, t, batch, num_graphs, cond, cond_drop)
+
+    def forward(
+        self,
+        z: Tensor,
+        frac_t: Tensor,
+        cell_t: Tensor,
+        t: Tensor | float,
+        batch: Optional[Tensor] = None,
+        num_graphs: Optional[int] = None,
+        *,
+        cond: Optional[Tensor] = None,
+        cond_drop: Optional[Tensor] = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Return ``(lattice_out [B, 3, 3], coord_out [N, 3])`` for noisy ``(frac_t, cell_t)`` at time ``t``.
+
+        The heads read the trunk features of :meth:`encode`.
+
+        Args:
+            z: ``[N]`` atomic numbers; frac_t: ``[N, 3]`` fractional coordinates (any real values:
+            only differences mod 1 enter); cell_t: ``[B, 3, 3]`` lattices, rows = lattice vectors;
+            t: ``[B]`` times in ``[0, 1]`` (or a scalar, broadcast); batch: ``[N]`` sorted graph
+            index (``None``: one crystal); num_graphs: ``B`` (inferred from ``batch`` if omitted);
+            cond: ``[B, cond_dim]`` per-crystal condition (conditioned nets only; ``None``: the null
+            condition); cond_drop: ``[B]`` bool, rows that get the null condition instead.
+        """
+        z, frac, cell, t, batch, num_graphs = self._prepare(z, frac_t, cell_t, t, batch, num_graphs)
+        h = self._trunk(z, frac, cell, t, batch, num_graphs, cond, cond_drop)
         coord_out = self.coord_head(h)
         pooled = scatter(h, batch, dim=0, dim_size=num_graphs, reduce="mean")
         m = self.lattice_head(pooled).view(num_graphs, 3, 3)
-        lattice_out = m @ cell if gram else m
+        lattice_out = m @ cell if self.lattice_input == "gram" else m
         return lattice_out.to(cell_t.dtype), coord_out.to(frac_t.dtype)
 
-    def forward_batch(self, data: Any, frac_t: Tensor, cell_t: Tensor, t: Tensor | float) -> tuple[Tensor, Tensor]:
+    def forward_batch(self, data: Any, frac_t: Tensor, cell_t: Tensor, t: Tensor | float, *,
+                      cond: Optional[Tensor] = None, cond_drop: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         """:meth:`forward` reading ``z``, ``batch`` and ``num_graphs`` from a PyG ``Batch`` (or ``Data``)."""
         z = getattr(data, "z", None)
         if z is None:
@@ -323,9 +433,10 @@ class CSPNet(nn.Module):
             num_graphs = 1
         else:
             num_graphs = int(getattr(data, "num_graphs", int(batch.max()) + 1))
-        return self.forward(z, frac_t, cell_t, t, batch, num_graphs)
+        return self.forward(z, frac_t, cell_t, t, batch, num_graphs, cond=cond, cond_drop=cond_drop)
 
     def __repr__(self) -> str:
         return (f"CSPNet(hidden={self.hidden}, num_layers={self.num_layers}, n_freq={self.n_freq}, "
                 f"time_dim={self.time_dim}, lattice_input={self.lattice_input!r}, "
-                f"self_loops={self.self_loops}, layer_norm={self.layer_norm})")
+                f"self_loops={self.self_loops}, layer_norm={self.layer_norm}"
+                + (f", cond_dim={self.cond_dim})" if self.cond_dim else ")"))

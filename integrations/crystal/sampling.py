@@ -16,14 +16,23 @@ faster sampler):
   ``beta_k (1 - abar_{k-1}) / (1 - abar_k)``, as in DiffCSP.
 
 Priors: ``L_T ~ N(0, I)``, ``F_T ~ U[0, 1)``.
+
+Conditioning: ``sample(..., cond=c)`` / ``step(..., cond=c)`` pass a per-crystal condition
+``[B, d]`` to a conditional network, combined by classifier-free guidance with the sampler's
+``guidance`` scale ``s`` (:func:`~.condition.guided_model`: ``o(null) + s (o(c) - o(null))``;
+``s = 1``, the default, is the plain conditional prediction, ``s = 0`` the unconditioned one).
+``cond=None`` calls the model exactly as before (for a conditional :class:`~.model.CSPNet`, the
+null condition).
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
+from .condition import guided_model
 from .diffusion import CrystalDiffusion
 
 
@@ -47,6 +56,8 @@ class PredictorCorrector:
         lattice_clip: clip the predicted clean lattice entries to ``[-c, c]`` Å at every step
             (``None``: no clipping, DiffCSP's sampler). Strided grids need it: without it the
             first steps from ``abar_T ~ 1e-9`` amplify the model's error into huge cells.
+        guidance: classifier-free guidance scale ``s`` used when a ``cond`` is passed (keyword only;
+            1 = the conditional prediction, 0 = the unconditioned one, > 1 = stronger guidance).
 
     Example:
         >>> import torch
@@ -65,8 +76,13 @@ class PredictorCorrector:
         step_lr: float = 5e-7,
         eta: float = 1.0,
         lattice_clip: Optional[float] = None,
+        *,
+        guidance: float = 1.0,
     ):
         self.model, self.diffusion = model, diffusion
+        self.guidance = float(guidance)
+        if not math.isfinite(self.guidance):
+            raise ValueError(f"`guidance` must be finite, got {guidance}")
         self.num_steps = int(diffusion.num_steps if num_steps is None else num_steps)
         self.grid = step_grid(self.num_steps, diffusion.num_steps)
         self.step_lr, self.eta = float(step_lr), float(eta)
@@ -75,11 +91,13 @@ class PredictorCorrector:
         self.lattice_clip = lattice_clip
 
     def __repr__(self) -> str:
-        return f"PredictorCorrector(num_steps={self.num_steps}, step_lr={self.step_lr}, eta={self.eta})"
+        return (f"PredictorCorrector(num_steps={self.num_steps}, step_lr={self.step_lr}, eta={self.eta}"
+                + (f", guidance={self.guidance})" if self.guidance != 1.0 else ")"))
 
-    def _predict(self, z, frac, cell, k: int, batch, b):
+    def _predict(self, z, frac, cell, k: int, batch, b, cond: Optional[Tensor] = None):
         t = torch.full((b,), k / self.diffusion.num_steps, dtype=frac.dtype, device=frac.device)
-        lattice_eps, coord = self.model(z, frac, cell, t, batch, b)
+        model = self.model if cond is None else guided_model(self.model, cond, self.guidance)
+        lattice_eps, coord = model(z, frac, cell, t, batch, b)
         score = coord * self.diffusion.score_norms[k - 1].sqrt().to(frac.dtype)
         return lattice_eps, score
 
@@ -92,44 +110,65 @@ class PredictorCorrector:
         generator: Optional[torch.Generator] = None,
         callback: Optional[Callable[[int, Tensor, Tensor], None]] = None,
         dtype: torch.dtype = torch.float32,
+        *,
+        cond: Optional[Tensor] = None,
     ) -> tuple[Tensor, Tensor]:
         """Generate ``(frac_coords [N, 3], cell [B, 3, 3])`` for the compositions ``z`` grouped by ``batch``.
 
-        ``callback(k, frac, cell)`` is called after every step (e.g. to record a trajectory).
+        ``callback(k, frac, cell)`` is called after every step (e.g. to record a trajectory);
+        ``cond [B, d]``: per-crystal condition of a conditional model (guided by ``self.guidance``).
         """
         if z.dim() != 1 or batch.shape != z.shape:
             raise ValueError(f"`z` and `batch` must be matching [N] vectors, got {list(z.shape)} and {list(batch.shape)}")
         if z.numel() == 0:
             raise ValueError("empty composition: nothing to sample")
-        dev = z.device
         b = int(num_graphs or int(batch.max()) + 1)
         if isinstance(self.model, nn.Module):
             self.model.eval()
-        d = self.diffusion
-        frac = torch.rand(z.numel(), 3, generator=generator, dtype=dtype, device=dev)
-        cell = torch.randn(b, 3, 3, generator=generator, dtype=dtype, device=dev)
-        sigmas, abar = d.sigmas.to(dev), d.alpha_bars.to(dev)
-        sigma_first = float(sigmas[0])
+        frac, cell = self.prior(z.numel(), b, generator=generator, dtype=dtype, device=z.device)
         grid = self.grid + [0]
         for k, k_next in zip(grid[:-1], grid[1:]):
-            sigma = float(sigmas[k - 1])
-            sigma_next = float(sigmas[k_next - 1]) if k_next > 0 else 0.0
-            last = k_next == 0
-            # corrector (coordinates only, as DiffCSP)
-            if self.step_lr > 0:
-                _, score = self._predict(z, frac, cell, k, batch, b)
-                step = self.step_lr * (sigma / sigma_first) ** 2
-                noise = 0.0 if last else torch.randn(frac.shape, generator=generator, dtype=dtype, device=dev)
-                frac = torch.remainder(frac + step * score + (2 * step) ** 0.5 * noise, 1.0)
-            # predictor
-            lattice_eps, score = self._predict(z, frac, cell, k, batch, b)
-            step = sigma**2 - sigma_next**2
-            std = (sigma_next**2 * step / sigma**2) ** 0.5
-            noise = torch.randn(frac.shape, generator=generator, dtype=dtype, device=dev)
-            frac = torch.remainder(frac + step * score + std * noise, 1.0)
-            cell = self._lattice_step(cell, lattice_eps, float(abar[k]), float(abar[k_next]), generator)
+            frac, cell = self.step(z, frac, cell, k, k_next, batch, b, generator=generator, cond=cond)
             if callback is not None:
                 callback(k, frac, cell)
+        return frac, cell
+
+    def prior(self, num_atoms: int, num_graphs: int, generator: Optional[torch.Generator] = None,
+              dtype: torch.dtype = torch.float32, device=None) -> tuple[Tensor, Tensor]:
+        """Draw the prior ``F_T ~ U[0, 1)^{N x 3}``, ``L_T ~ N(0, I)^{B x 3 x 3}`` (in this order)."""
+        frac = torch.rand(num_atoms, 3, generator=generator, dtype=dtype, device=device)
+        cell = torch.randn(num_graphs, 3, 3, generator=generator, dtype=dtype, device=device)
+        return frac, cell
+
+    @torch.no_grad()
+    def step(self, z: Tensor, frac: Tensor, cell: Tensor, k: int, k_next: int, batch: Tensor, num_graphs: int,
+             generator: Optional[torch.Generator] = None, *, cond: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """One reverse step from grid step ``k`` to ``k_next < k`` (``0`` = the end): corrector, then predictor.
+
+        :meth:`sample` is ``prior`` followed by ``step`` over ``zip(grid, grid[1:] + [0])``; callers that
+        drive the chain themselves (e.g. an ASE dynamics) use the same two methods.
+        """
+        if not 0 <= k_next < k <= self.diffusion.num_steps:
+            raise ValueError(f"need 0 <= k_next < k <= {self.diffusion.num_steps}, got k={k}, k_next={k_next}")
+        d, b, dev, dtype = self.diffusion, num_graphs, frac.device, frac.dtype
+        sigmas, abar = d.sigmas, d.alpha_bars
+        sigma_first = float(sigmas[0])
+        sigma = float(sigmas[k - 1])
+        sigma_next = float(sigmas[k_next - 1]) if k_next > 0 else 0.0
+        last = k_next == 0
+        # corrector (coordinates only, as DiffCSP)
+        if self.step_lr > 0:
+            _, score = self._predict(z, frac, cell, k, batch, b, cond)
+            step = self.step_lr * (sigma / sigma_first) ** 2
+            noise = 0.0 if last else torch.randn(frac.shape, generator=generator, dtype=dtype, device=dev)
+            frac = torch.remainder(frac + step * score + (2 * step) ** 0.5 * noise, 1.0)
+        # predictor
+        lattice_eps, score = self._predict(z, frac, cell, k, batch, b, cond)
+        step = sigma**2 - sigma_next**2
+        std = (sigma_next**2 * step / sigma**2) ** 0.5
+        noise = torch.randn(frac.shape, generator=generator, dtype=dtype, device=dev)
+        frac = torch.remainder(frac + step * score + std * noise, 1.0)
+        cell = self._lattice_step(cell, lattice_eps, float(abar[k]), float(abar[k_next]), generator)
         return frac, cell
 
     def _lattice_step(self, cell: Tensor, eps: Tensor, abar: float, abar_next: float, generator) -> Tensor:
