@@ -1,6 +1,6 @@
 """``orbit-pyg ase generate | trajectory``: candidate structures from a trained run, written with ``ase.io``.
 
-Wire it with ``add_parser(doors)`` where ``doors`` is the ``orbit-pyg`` subparsers object::
+Registered in the ``orbit-pyg`` parser by ``add_parser(doors)``::
 
     orbit-pyg ase generate --run runs/perov --composition SrTiO3 -n 8 --out srtio3.extxyz
     orbit-pyg ase generate --run runs/perov --template my.cif -n 4 --out new.cif
