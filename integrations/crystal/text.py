@@ -226,7 +226,12 @@ def describe_structures(
 def check_texts(texts: Sequence[str], max_tokens: Optional[int] = None, tokenize: Optional[Callable] = None) -> int:
     """Validate texts: non-empty strings; returns how many exceed ``max_tokens`` (they get truncated).
 
-    Raises ``ValueError`` for an empty list, a non-string, or an empty / whitespace-only text.
+    Raises ``ValueError`` for an empty list or an empty / whitespace-only text, ``TypeError`` for a
+    non-string.
+
+    Example:
+        >>> check_texts(["a b c", "a"], max_tokens=2, tokenize=str.split)  # one text over 2 tokens
+        1
     """
     if isinstance(texts, str):
         raise TypeError("`texts` must be a list of strings, not one string")
@@ -292,12 +297,19 @@ def embed_texts(texts: Sequence[str], encoder: Callable[[list[str]], Tensor], ca
     The cache (``torch.save`` of ``{"encoder": name, "rows": {sha1(text): [d]}}``, atomic) is
     reused when the encoder's ``name`` (or class name) matches and discarded otherwise. Texts are
     validated with :func:`check_texts` first (empty text: ``ValueError``).
+
+    Example:
+        >>> enc = lambda texts: torch.tensor([[float(len(t))] for t in texts])
+        >>> embed_texts(["ab", "abc", "ab"], enc)
+        tensor([[2.],
+                [3.],
+                [2.]])
     """
     check_texts(texts)
     name = str(getattr(encoder, "name", type(encoder).__name__))
     rows: dict[str, Tensor] = {}
     if cache_path and os.path.exists(cache_path):
-        saved = torch.load(cache_path, weights_only=False)
+        saved = torch.load(cache_path, weights_only=True)  # tensors and strings only
         if saved.get("encoder") == name:
             rows = saved["rows"]
     keys = [hashlib.sha1(t.encode()).hexdigest() for t in texts]
@@ -313,8 +325,21 @@ def embed_texts(texts: Sequence[str], encoder: Callable[[list[str]], Tensor], ca
     return torch.stack([rows[k] for k in keys]).float()
 
 
+def _crystal_key(data) -> str:
+    """``material_id`` if the crystal has one, else a digest of its atoms, coordinates and cell."""
+    mid = getattr(data, "material_id", None)
+    if mid is not None:
+        return str(mid)
+    return "sha1:" + _digest(*(torch.as_tensor(getattr(data, k)).tolist() for k in ("z", "frac_coords", "cell")))
+
+
 def make_describer(kind: str) -> Callable[[Any], str]:
-    """``"short"`` → :class:`ShortDescriber`, ``"long"`` → :class:`RobocrysDescriber`."""
+    """``"short"`` → :class:`ShortDescriber`, ``"long"`` → :class:`RobocrysDescriber`.
+
+    Example:
+        >>> make_describer("short")
+        ShortDescriber(template='{formula} crystallizes in the {crystal_system} {space_group} space group (No. {number}).', symprec=0.1)
+    """
     if kind == "short":
         return ShortDescriber()
     if kind == "long":
@@ -331,7 +356,8 @@ def dataset_text_embeddings(
     compute: bool = True,
     describe: Optional[Callable[[Any], str]] = None,
 ) -> tuple[Tensor, list[Optional[str]]]:
-    r"""Descriptions and ``[n, d]`` embeddings of crystal ``Data`` (keyed by ``material_id``, else position).
+    r"""Descriptions and ``[n, d]`` embeddings of crystal ``Data`` (keyed by ``material_id``, else by a hash of
+    ``z``, ``frac_coords`` and ``cell``, so that one cache folder serves any list of crystals).
 
     Descriptions are cached in ``cache_dir/descriptions_{kind}.json`` and embeddings in
     ``cache_dir/embeddings_{kind}.pt``. With ``compute=False`` only cached descriptions are used and
@@ -341,7 +367,7 @@ def dataset_text_embeddings(
 
     describe = describe or make_describer(kind)
     encoder = encoder or MiniLMEncoder()
-    keys = [str(getattr(d, "material_id", i)) for i, d in enumerate(data_list)]
+    keys = [_crystal_key(d) for d in data_list]
     path = None if cache_dir is None else os.path.join(cache_dir, f"descriptions_{kind}.json")
     if cache_dir is not None:
         os.makedirs(cache_dir, exist_ok=True)

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from .base import Orbit, OrbitCandidates, OrbitContext
+from .matrix_fisher import proper_svd
 
 _PROPOSALS = ("uniform", "guided", "exact")
 
@@ -96,14 +97,18 @@ def rotation_angle(r: Tensor) -> Tensor:
 def kabsch(m: Tensor) -> tuple[Tensor, Tensor]:
     """Proper rotation maximizing ``<R, M>_F`` for ``M [..., 3, 3]``, and the proper singular values.
 
-    Returns ``(R*, s)`` with ``s = (s_1, s_2, ±s_3)``, the sign of ``s_3`` that of ``det M``.
+    Returns ``(R*, s)`` with ``s = (s_1, s_2, ±s_3)``, the sign of ``s_3`` that of ``det M``:
+    ``R* = U Vᵀ`` from the proper SVD ``M = U diag(s) Vᵀ`` (:func:`~.matrix_fisher.proper_svd`,
+    computed in float64; results in the dtype of ``m``).
+
+    Example:
+        >>> m = torch.diag(torch.tensor([3.0, 2.0, -1.0]))  # det M < 0: s_3 carries the sign
+        >>> r, s = kabsch(m)
+        >>> r.diagonal().tolist(), s.tolist()
+        ([1.0, 1.0, 1.0], [3.0, 2.0, -1.0])
     """
-    u, s, vh = torch.linalg.svd(m)
-    d = torch.sign(torch.linalg.det(u @ vh))
-    d = torch.where(d == 0, torch.ones_like(d), d)
-    fix = torch.ones_like(s)
-    fix[..., 2] = d
-    return u @ (fix.unsqueeze(-1) * vh), s * fix
+    u, s, v = proper_svd(m)
+    return (u @ v.mT).to(m.dtype), s.to(m.dtype)
 
 
 def log_tangent_gaussian_density(theta: Tensor, tau: Tensor, wraps: int = 2) -> Tensor:
