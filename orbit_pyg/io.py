@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import torch
 
-__all__ = ["atomic_open", "atomic_save", "atomic_write_text", "atomic_write_json", "atomic_copy"]
+__all__ = ["atomic_open", "atomic_save", "atomic_write_text", "atomic_write_json", "atomic_copy", "dataclass_from_dict"]
 
 
 def _fsync_dir(path: str) -> None:
@@ -98,3 +98,27 @@ def atomic_copy(src: str, dst: str) -> None:
     """Copy ``src`` to ``dst`` atomically."""
     with open(src, "rb") as fin, atomic_open(dst, "wb") as fout:
         shutil.copyfileobj(fin, fout)
+
+
+def dataclass_from_dict(cls: type, values: dict, what: str = "settings") -> Any:
+    """``cls(**values)`` for a dataclass ``cls``, rejecting unknown keys by name (a config read from disk).
+
+    Example:
+        >>> import dataclasses
+        >>> @dataclasses.dataclass
+        ... class Config:
+        ...     steps: int = 10
+        >>> dataclass_from_dict(Config, {"steps": 5})
+        Config(steps=5)
+        >>> dataclass_from_dict(Config, {"step": 5}, "demo settings")
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown demo settings ['step']; known: ['steps']
+    """
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown}; known: {sorted(known)}")
+    return cls(**values)

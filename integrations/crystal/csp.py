@@ -28,7 +28,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch_geometric.data import Batch, Data
 
-from orbit_pyg.io import atomic_write_json
+from orbit_pyg.io import atomic_write_json, dataclass_from_dict
 from orbit_pyg.training import Trainer
 
 from .diffusion import CrystalDiffusion, CrystalDiffusionLoss, crystal_orbit
@@ -104,11 +104,8 @@ class CSPConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "CSPConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown CSP configuration keys: {unknown}; known: {sorted(known)}")
-        return cls(**values)
+        """Build from a mapping (a run's ``config.json``, a YAML file), rejecting unknown keys by name."""
+        return dataclass_from_dict(cls, values, "CSP configuration keys")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -20,7 +20,6 @@ the shared :class:`orbit_pyg.training.Trainer`; :func:`load_model` restores a ru
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -31,7 +30,7 @@ from torch import Tensor, nn
 
 from orbit_pyg import FlowSchedule, OrbitDiffusionLoss, VPSchedule
 from orbit_pyg._utils import center
-from orbit_pyg.io import atomic_write_json
+from orbit_pyg.io import atomic_write_json, dataclass_from_dict
 
 from .models import MODEL_KINDS, build_model
 from .orbits import ROTATION_PROPOSALS, molecule_orbit
@@ -99,11 +98,7 @@ class ConformerConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "ConformerConfig":
         """Build from a mapping, rejecting unknown keys with their names."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"unknown conformer settings {unknown}; known: {sorted(names)}")
-        return cls(**values)
+        return dataclass_from_dict(cls, values, "conformer settings")
 
 
 def make_schedule(cfg: ConformerConfig):
