@@ -20,7 +20,7 @@ Variants (condition × training objective × seeds):
   (classifier-free-guidance style). The held-out crystals all get their long description. The
   printed header states how many training crystals had one.
 
-each with ``plain`` and ``orbit`` (uniform proposal, K = ``--translations``) training.
+each with ``plain`` and ``orbit`` (``--proposal``, default uniform with K = ``--translations``) training.
 
 Property conditioning: a CSPNet (orbit, first seed) conditioned on Perov-5's ``heat_all`` and
 ``dir_gap`` (standardized with train-split statistics) samples each held-out composition at an
@@ -103,6 +103,8 @@ def main(argv=None) -> dict:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--conditions", nargs="+", default=["none", "short", "long"], choices=["none", "short", "long"])
     p.add_argument("--modes", nargs="+", default=["plain", "orbit"], choices=["plain", "orbit"])
+    p.add_argument("--proposal", default="uniform", choices=["uniform", "wrapped_normal", "guided", "exact"],
+                   help="torus-translation proposal of the orbit variants")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=128)
@@ -160,7 +162,7 @@ def main(argv=None) -> dict:
           f"text preparation {t_text:.0f} s", flush=True)
 
     base = dict(hidden=args.hidden, layers=args.layers, n_freq=16, steps=args.steps, batch_size=args.batch_size,
-                translations=args.translations, sample_steps=args.sample_steps, proposal="uniform",
+                translations=args.translations, sample_steps=args.sample_steps, proposal=args.proposal,
                 cond_drop_prob=args.cond_drop_prob)
     results: dict[str, list[dict]] = {}
     models = {}
