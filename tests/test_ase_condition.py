@@ -138,3 +138,84 @@ def test_cli_generate_with_props_and_guidance(props_run, tmp_path):
                               "--out", str(out)])
     with pytest.raises(SystemExit, match="not text"):
         args.func(args)
+
+
+def perovskite(shift=0.0) -> Atoms:
+    g = np.random.default_rng(1)
+    return Atoms(numbers=[38, 22, 8, 8, 8], cell=np.diag([3.9, 4.0, 4.1]) + shift, pbc=True,
+                 scaled_positions=g.random((5, 3)))
+
+
+def forces_stress(model, t=0.3, **condition):
+    from orbit_pyg.integrations.ase import DenoiserCalculator
+
+    atoms = perovskite()
+    atoms.calc = DenoiserCalculator(model, t=t, **condition)
+    return atoms.get_forces(), atoms.get_stress(), atoms
+
+
+def test_calculator_scores_the_condition_with_guidance_linear_in_s(props_run):
+    den = load_denoiser(props_run)
+    f_null, s_null, plain = forces_stress(den)
+    f_a, s_a, atoms = forces_stress(den, props=ASK)
+    f_b, _, _ = forces_stress(den, props={"heat_all": 1.5, "dir_gap": 0.1})
+    assert np.abs(f_a - f_b).max() > 1e-6 * np.abs(f_a).max() and np.abs(f_a - f_null).max() > 0
+    assert atoms.info["denoiser_props"] == "heat_all=-0.5,dir_gap=2" and atoms.info["denoiser_guidance"] == 1.0
+    assert atoms.calc.results["denoiser_props"] == "heat_all=-0.5,dir_gap=2"
+    assert not any(k in plain.info for k in ("denoiser_props", "denoiser_guidance", "props", "guidance"))
+    f0, s0, _ = forces_stress(den, props=ASK, guidance=0.0)  # s = 0: the unconditioned score, exactly
+    assert np.array_equal(f0, f_null) and np.array_equal(s0, s_null)
+    # forces and stress are linear in the network outputs: o(null) + s (o(c) - o(null)) carries over to them
+    f3, s3, _ = forces_stress(den, props=ASK, guidance=3.0)
+    np.testing.assert_allclose(f3, f_null + 3.0 * (f_a - f_null), rtol=1e-4, atol=1e-6 * np.abs(f3).max())
+    np.testing.assert_allclose(s3, s_null + 3.0 * (s_a - s_null), rtol=1e-4, atol=1e-6 * np.abs(s3).max())
+    # the same condition as generate(): the same vector reaches the network
+    cond, _ = den.condition(1, props=ASK)
+    atoms = perovskite()
+    frac = np.linalg.solve(atoms.cell.array.T, atoms.positions.T).T
+    out = den.predict(torch.tensor(atoms.numbers), torch.from_numpy(frac).to(den.dtype),
+                      torch.from_numpy(atoms.cell.array).to(den.dtype), den.step_of(0.3), cond=cond, guidance=1.0)
+    np.testing.assert_allclose(f_a, out["score_frac"].numpy() @ np.linalg.inv(atoms.cell.array).T, rtol=1e-6, atol=1e-9)
+
+
+def test_calculator_set_condition_invalidates_the_cache(props_run):
+    from orbit_pyg.integrations.ase import DenoiserCalculator
+
+    atoms = perovskite()
+    calc = DenoiserCalculator(props_run, t=0.3, props=ASK)
+    atoms.calc = calc
+    first = atoms.get_forces()
+    assert calc.set(props=dict(ASK)) == {} and calc.results  # the same condition keeps the results
+    other = {"heat_all": 1.5, "dir_gap": 0.1}
+    assert "props" in calc.set(props=other) and calc.results == {}
+    second = atoms.get_forces()
+    np.testing.assert_array_equal(second, forces_stress(props_run, props=other)[0])
+    assert np.abs(second - first).max() > 0 and atoms.info["denoiser_props"] == "heat_all=1.5,dir_gap=0.1"
+    calc.set(props=None)  # back to the null condition: no stale condition in the Atoms
+    np.testing.assert_array_equal(atoms.get_forces(), forces_stress(props_run)[0])
+    assert "denoiser_props" not in atoms.info and "denoiser_guidance" not in atoms.info
+    assert "props=" not in repr(calc) and "props=" in repr(DenoiserCalculator(props_run, props=ASK, guidance=2.0))
+
+
+def message(fn, *args, **kwargs) -> str:
+    with pytest.raises(ValueError) as err:
+        fn(*args, **kwargs)
+    return str(err.value)
+
+
+def test_calculator_refuses_conditions_as_generate_does(props_run):
+    from orbit_pyg.integrations.ase import DenoiserCalculator
+    from orbit_pyg.integrations.crystal.csp import make_model
+
+    plain_cfg = CSPConfig(hidden=8, layers=1, n_freq=2, diffusion_steps=20, sample_steps=3)
+    plain = (make_model(plain_cfg), plain_cfg)
+    expected = message(generate, plain, "SrTiO3", props=ASK)
+    assert "without a condition" in expected
+    assert message(DenoiserCalculator, plain, props=ASK) == expected
+    calc = DenoiserCalculator(plain)
+    assert message(calc.set, props=ASK) == expected and calc.parameters["props"] is None  # nothing stored
+    for bad in ({"text": "a cubic perovskite"}, {"props": "heat_all=1"}, {"props": ASK, "guidance": float("nan")}):
+        assert message(DenoiserCalculator, props_run, **bad) == message(generate, props_run, "SrTiO3", **bad)
+    calc = DenoiserCalculator(props_run, props=ASK)
+    message(calc.set, props="heat_all=high,dir_gap=1")
+    assert calc.parameters["props"] == ASK and calc._asked["props"] == ASK  # the old condition stands

@@ -37,7 +37,9 @@ Non-standard outputs go into the Atoms (only standard properties survive an ASE 
   (fractional noise std ``sigma_k``; at large noise only its direction is meaningful);
 * ``atoms.info["denoiser_cell"]`` ``[3, 3]`` Å: the predicted clean lattice
   ``(L - sqrt(1 - abar) eps_hat) / sqrt(abar)``;
-* ``atoms.info["denoiser_t"]``, ``["denoiser_step"]``, ``["denoiser_sigma"]``: the noise level used.
+* ``atoms.info["denoiser_t"]``, ``["denoiser_step"]``, ``["denoiser_sigma"]``: the noise level used;
+* ``atoms.info["denoiser_text"]`` / ``["denoiser_props"]`` (``name=value,...``) and ``["denoiser_guidance"]``:
+  the condition and guidance scale the scores were predicted with (absent for the null condition).
 
 For a molecule (a conformer model of :mod:`orbit_pyg.integrations.molecule`, on the Gaussian path
 ``x_s = alpha_s x0 + sigma_s eps`` of centred Cartesian positions) the same definitions read
@@ -52,7 +54,7 @@ and kept: give ``graph=`` for noisy structures.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -61,6 +63,7 @@ from ase.calculators.calculator import Calculator, all_changes
 from .models import (
     CrystalDenoiser, MoleculeDenoiser, as_denoiser, check_graph_matches, check_molecule, check_periodic,
 )
+from .generate import _condition_info
 
 __all__ = ["DenoiserCalculator"]
 
@@ -75,10 +78,22 @@ class DenoiserCalculator(Calculator):
             structures"; the default 0.05 is low noise for Perov-5-scale crystals.
         kT: energy scale in eV of ``E_t = -kT log p_t``; forces scale linearly with it.
         graph: molecules only: the molecular graph (SMILES, RDKit ``Mol`` or graph ``Data``) of the Atoms.
+        text, props: crystals: the condition of a conditional run (``orbit-pyg crystal train --condition
+            text|props|text+props``), as :func:`~.generate.generate` takes it: ``text="..."`` and / or
+            ``props="heat_all=-0.5,dir_gap=2"`` (or a ``{name: value}`` mapping, physical units). Neither:
+            the null condition (the unconditioned score of a conditional run).
+        guidance: classifier-free guidance scale ``s`` of the condition (default: the run's, 1 unless the
+            run stored another): the network outputs, hence forces and stress (linear in them), are
+            ``o = o(null) + s · (o(c) - o(null))``; ``s = 1`` the conditional score ``∇ log p_t(x | c)``,
+            ``s = 0`` exactly the unconditioned one.
 
-    Parameters live in ``calc.parameters`` (``calc.set(t=0.3)`` resets the cached results, as ASE
-    requires). Results are cached until positions, numbers, cell, pbc, charges or magnetic moments
-    change (ASE's ``system_changes``).
+    A condition for an unconditional run, a part the run was not trained on, only one part of a
+    ``text+props`` condition, or any condition for a conformer model raise the ``ValueError`` of
+    :func:`~.generate.generate` (at construction or in ``set``, before anything is stored).
+
+    Parameters live in ``calc.parameters`` (``calc.set(t=0.3)`` or ``calc.set(props=...)`` reset the
+    cached results, as ASE requires). Results are cached until positions, numbers, cell, pbc, charges or
+    magnetic moments change (ASE's ``system_changes``).
 
     Example:
         >>> from ase.build import bulk
@@ -91,21 +106,23 @@ class DenoiserCalculator(Calculator):
     """
 
     implemented_properties = ["forces", "stress"]
-    default_parameters = {"t": 0.05, "kT": 1.0}
+    default_parameters = {"t": 0.05, "kT": 1.0, "text": None, "props": None, "guidance": None}
     name = "orbit_denoiser"
-    discard_results_on_any_change = True  # a new t or kT invalidates every cached result
+    discard_results_on_any_change = True  # a new t, kT or condition invalidates every cached result
 
     def __init__(self, model: Any, cfg: Any = None, *, t: float = 0.05, kT: float = 1.0, graph: Any = None,
-                 **kwargs: Any):
+                 text: Optional[str] = None, props: Any = None, guidance: Optional[float] = None, **kwargs: Any):
         self.denoiser = as_denoiser(model, cfg)
+        self._cond, self._asked, self._guidance = None, None, None
         self._graph_arg = graph
         self._graph = None if graph is None or isinstance(self.denoiser, CrystalDenoiser) else self.denoiser.graph(graph)
         if isinstance(self.denoiser, MoleculeDenoiser):
             self.implemented_properties = ["forces"]
-        super().__init__(t=t, kT=kT, **kwargs)
+        super().__init__(t=t, kT=kT, text=text, props=props, guidance=guidance, **kwargs)
 
     def set(self, **kwargs: Any) -> dict:
-        """Change ``t`` / ``kT`` (validated); ASE then discards the cached results."""
+        """Change ``t`` / ``kT`` / ``text`` / ``props`` / ``guidance`` (validated); ASE then discards the cached
+        results."""
         if "t" in kwargs:
             if isinstance(self.denoiser, CrystalDenoiser):
                 self.denoiser.step_of(kwargs["t"])  # validates
@@ -113,10 +130,24 @@ class DenoiserCalculator(Calculator):
                 self.denoiser.model_time(kwargs["t"])
         if "kT" in kwargs and not (np.isfinite(kwargs["kT"]) and kwargs["kT"] > 0):
             raise ValueError(f"`kT` must be a positive energy in eV, got {kwargs['kT']}")
+        if {"text", "props", "guidance"} & kwargs.keys():
+            self._set_condition(*(kwargs.get(k, self.parameters.get(k)) for k in ("text", "props", "guidance")))
         return super().set(**kwargs)
 
+    def _set_condition(self, text: Optional[str], props: Any, guidance: Optional[float]) -> None:
+        """Validate and build the condition once, as :func:`~.generate.generate` does (same helpers, same errors)."""
+        den = self.denoiser
+        if isinstance(den, MoleculeDenoiser):
+            if text is not None or props or guidance is not None:
+                raise ValueError("a conformer model takes no text / props / guidance: those condition crystal runs")
+            return
+        cond, asked = den.condition(1, text=text, props=props)
+        self._cond, self._asked, self._guidance = cond, asked, den.sampler(guidance=guidance).guidance
+
     def __repr__(self) -> str:
-        return f"DenoiserCalculator({self.denoiser!r}, t={self.parameters.t}, kT={self.parameters.kT})"
+        p = self.parameters
+        extra = "".join(f", {k}={p[k]!r}" for k in ("text", "props", "guidance") if p.get(k) is not None)
+        return f"DenoiserCalculator({self.denoiser!r}, t={p.t}, kT={p.kT}{extra})"
 
     def calculate(self, atoms=None, properties: Sequence[str] = ("forces",), system_changes=all_changes) -> None:
         super().calculate(atoms, properties, system_changes)
@@ -162,7 +193,7 @@ class DenoiserCalculator(Calculator):
         frac = np.linalg.solve(cell.T, atoms.positions.T).T  # unwrapped: only differences mod 1 matter
         dtype = den.dtype
         out = den.predict(torch.as_tensor(atoms.numbers, dtype=torch.long), torch.from_numpy(frac).to(dtype),
-                          torch.from_numpy(cell).to(dtype), k)
+                          torch.from_numpy(cell).to(dtype), k, cond=self._cond, guidance=self._guidance)
         score = out["score_frac"].numpy()
         eps = out["lattice_eps"].numpy()
         sigma, abar = out["sigma"], out["abar"]
@@ -177,11 +208,15 @@ class DenoiserCalculator(Calculator):
         displacement = sigma**2 * score @ cell
         denoised_cell = (cell - np.sqrt(1.0 - abar) * eps) / np.sqrt(abar)
         t = float(self.parameters.t)
+        condition = {} if self._asked is None else {
+            f"denoiser_{key}": value for key, value in _condition_info(self._asked, self._guidance).items()}
         self.results = {
             "forces": forces, "stress": voigt,
             "denoiser_displacement": displacement, "denoiser_cell": denoised_cell,
-            "denoiser_t": t, "denoiser_step": k, "denoiser_sigma": sigma,
+            "denoiser_t": t, "denoiser_step": k, "denoiser_sigma": sigma, **condition,
         }
         atoms.arrays["denoiser_displacement"] = displacement.copy()
+        for key in ("denoiser_text", "denoiser_props", "denoiser_guidance"):  # no stale condition of an earlier call
+            atoms.info.pop(key, None)
         atoms.info.update({"denoiser_cell": denoised_cell.copy(), "denoiser_t": t, "denoiser_step": k,
-                           "denoiser_sigma": sigma})
+                           "denoiser_sigma": sigma, **condition})

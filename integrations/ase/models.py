@@ -228,9 +228,16 @@ class CrystalDenoiser:
         return (None if cond is None else cond.to(device=self.device, dtype=self.dtype)), asked
 
     @torch.no_grad()
-    def predict(self, z: Tensor, frac: Tensor, cell: Tensor, k: int) -> dict[str, Tensor]:
+    def predict(self, z: Tensor, frac: Tensor, cell: Tensor, k: int, cond: Optional[Tensor] = None,
+                guidance: Optional[float] = None) -> dict[str, Tensor]:
         r"""Scores of one crystal at step ``k``: ``score_frac = coord_out · sqrt(lambda_k)`` ([N, 3]),
-        ``lattice_eps`` ([3, 3]), with ``sigma`` (fractional noise std) and ``abar`` (lattice signal level)."""
+        ``lattice_eps`` ([3, 3]), with ``sigma`` (fractional noise std) and ``abar`` (lattice signal level).
+
+        ``cond [1, d]`` (from :meth:`condition`; ``None``: the null condition) is guided with scale
+        ``guidance`` (default :attr:`guidance`): ``o = o(null) + s (o(cond) - o(null))``
+        (:func:`~orbit_pyg.integrations.crystal.condition.guided_model`)."""
+        from orbit_pyg.integrations.crystal.condition import guided_model
+
         if isinstance(self.net, nn.Module):
             self.net.eval()
         d = self.diffusion
@@ -238,7 +245,9 @@ class CrystalDenoiser:
         z, frac, cell = z.to(dev), frac.to(dev), cell.reshape(1, 3, 3).to(dev)
         batch = torch.zeros(z.numel(), dtype=torch.long, device=dev)
         t = torch.full((1,), k / d.num_steps, dtype=dtype, device=dev)
-        lattice_eps, coord = self.net(z, frac, cell, t, batch, 1)
+        net = guided_model(self.net, None if cond is None else cond.to(dev),
+                           self.guidance if guidance is None else guidance)
+        lattice_eps, coord = net(z, frac, cell, t, batch, 1)
         score = coord.to(torch.float64) * float(d.score_norms[k - 1].sqrt())
         return {"score_frac": score.cpu(), "lattice_eps": lattice_eps.reshape(3, 3).to(torch.float64).cpu(),
                 "sigma": float(d.sigmas[k - 1]), "abar": float(d.alpha_bars[k])}
