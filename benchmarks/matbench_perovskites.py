@@ -27,7 +27,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 import time
 
 import numpy as np
@@ -142,4 +141,3 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     main()
-    sys.exit(0)

@@ -50,17 +50,8 @@ import warnings
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_CSV = os.path.join(os.path.dirname(ROOT), "shared", "data", "perov_5", "val.csv")
-
-
-def fmt(values, scale=1.0, digits=2) -> str:
-    vals = [v * scale for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    if not vals:
-        return "n/a"
-    if len(vals) == 1:
-        return f"{vals[0]:.{digits}f}"
-    return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from csp_perov5 import DEFAULT_CSV, ROOT, fmt, load  # noqa: E402  (same data, split and table format)
 
 
 def features(data) -> list[float]:
@@ -68,9 +59,7 @@ def features(data) -> list[float]:
 
     A cell with more than 1e4 Å³ per atom gets fixed sentinel values; a singular cell NaN geometry.
     """
-    from orbit_pyg.integrations.crystal import data_to_structure
-
-    from orbit_pyg.integrations.crystal import CrystalConversionError
+    from orbit_pyg.integrations.crystal import CrystalConversionError, data_to_structure
 
     counts = torch.bincount(data.z.long().clamp(max=99), minlength=100).float().tolist()
     try:
@@ -88,7 +77,6 @@ def features(data) -> list[float]:
 
 
 def main(argv=None) -> dict:
-    from orbit_pyg.integrations.crystal import CDVAEDataset, split_indices
     from orbit_pyg.integrations.crystal.condition import attach_conditions
     from orbit_pyg.integrations.crystal.csp import CSPConfig, evaluate, generate, train_csp
     from orbit_pyg.integrations.crystal.text import MiniLMEncoder, RobocrysDescriber, dataset_text_embeddings
@@ -115,7 +103,7 @@ def main(argv=None) -> dict:
     p.add_argument("--long-train", type=int, default=1000, help="at most this many training crystals get a long text")
     p.add_argument("--cond-drop-prob", type=float, default=0.1)
     p.add_argument("--guidance", type=float, default=3.0,
-                   help="guidance scale s > 1 for the property experiment (s = 1 is always run; s = 3 was 'w = 2' before)")
+                   help="guidance scale s > 1 for the property experiment (s = 1 is always run)")
     p.add_argument("--no-props", action="store_true", help="skip the property-conditioning experiment")
     p.add_argument("--workers", type=int, default=1, help="processes for StructureMatcher")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
@@ -128,10 +116,8 @@ def main(argv=None) -> dict:
     os.makedirs(args.out, exist_ok=True)
     text_dir = os.path.join(args.out, "text")  # description / embedding caches (reused across runs)
 
-    ds = CDVAEDataset(args.root, name="perov_5", split="val", source=args.csv, progress=False)
-    split = split_indices(len(ds), n_test=500, seed=0)
-    train = [ds[int(i)] for i in split.train[: args.n_train]]
-    test = [ds[int(i)] for i in split.test[: args.n_test]]
+    train, test = load(args.csv, args.root, args.n_test)
+    train = train[: args.n_train]
     encoder = MiniLMEncoder()
 
     t0 = time.time()

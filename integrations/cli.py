@@ -247,26 +247,27 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--workers", type=int, default=1)
     ev.set_defaults(func=_evaluate)
 
-    for door, extra in (("molecule", "molecule"), ("ase", "ase"), ("matbench", "matbench")):
-        _add_door(doors, door, extra)
+    for door in ("molecule", "ase", "matbench"):
+        _add_door(doors, door)
     return parser
 
 
-def _add_door(doors, door: str, extra: str) -> None:
-    """Register ``orbit-pyg DOOR ...`` from ``orbit_pyg.integrations.DOOR.cli``; a missing extra becomes a clear message."""
+def _add_door(doors, door: str) -> None:
+    """Register ``orbit-pyg DOOR ...`` from ``orbit_pyg.integrations.DOOR.cli``; a missing extra (named as
+    the door, ``orbit-pyg[DOOR]``) becomes a clear message."""
     import importlib
 
     try:
         module = importlib.import_module(f"{__package__}.{door}.cli")
     except ImportError as err:
-        missing = doors.add_parser(door, help=f"(needs: pip install 'orbit-pyg[{extra}]')")
-        missing.set_defaults(func=lambda args, err=err: _missing_extra(door, extra, err))
+        missing = doors.add_parser(door, help=f"(needs: pip install 'orbit-pyg[{door}]')")
+        missing.set_defaults(func=lambda args, err=err: _missing_extra(door, err))
         return
     module.add_parser(doors)
 
 
-def _missing_extra(door: str, extra: str, err: ImportError) -> int:
-    raise SystemExit(f"orbit-pyg {door} needs the '{extra}' extra: pip install 'orbit-pyg[{extra}]' ({err})")
+def _missing_extra(door: str, err: ImportError) -> int:
+    raise SystemExit(f"orbit-pyg {door} needs the '{door}' extra: pip install 'orbit-pyg[{door}]' ({err})")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

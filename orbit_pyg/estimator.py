@@ -141,10 +141,10 @@ def orbit_estimate(
 
 def _x0_to_score(est: OrbitEstimate, ctx: OrbitContext) -> OrbitEstimate:
     """Gaussian kernel: ``score_hat = -(x_t - alpha x0_hat) / sigma^2`` (linear in the candidates)."""
-    n = ctx.x0.size(0)
-    alpha = ctx.alpha[ctx.batch].view(n, 1)
-    sigma2 = ctx.sigma.clamp(min=1e-12)[ctx.batch].view(n, 1) ** 2
-    score = -(ctx.xt.to(torch.float64) - alpha * est.target.to(torch.float64)) / sigma2
+    n, f64 = ctx.x0.size(0), torch.float64
+    alpha = ctx.alpha.to(f64)[ctx.batch].view(n, 1)
+    sigma = ctx.sigma.to(f64).clamp(min=1e-12)[ctx.batch].view(n, 1)
+    score = ctx.kernel.score(ctx.xt.to(f64), est.target.to(f64), alpha, sigma)
     return OrbitEstimate(score.to(ctx.x0.dtype), est.weights, est.ess, "score")
 
 

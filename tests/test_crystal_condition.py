@@ -148,43 +148,27 @@ def test_guidance_calls_the_network_once_at_scales_zero_and_one():
         PredictorCorrector(net, CrystalDiffusion(10), guidance=math.inf)
 
 
-def test_older_runs_stored_guidance_w_and_load_as_s_equal_one_plus_w(tmp_path):
+def test_runs_round_trip_guidance_and_preconditioning_runs_load_unconditioned(tmp_path):
     from orbit_pyg.integrations.crystal.csp import load_model
     from orbit_pyg.io import atomic_save
     from orbit_pyg.training import CHECKPOINT_FORMAT
 
-    def save_checkpoint(path, model):
-        atomic_save({"format": CHECKPOINT_FORMAT, "model": model.state_dict()}, path)
+    def save_run(name, values, cfg):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps(values))
+        atomic_save({"format": CHECKPOINT_FORMAT, "model": make_model(cfg).state_dict()}, str(run / "last.pt"))
+        return str(run)
 
     assert CSPConfig().guidance == 1.0 and CSPConfig(guidance=2.0).guidance == 2.0
-    assert CSPConfig(guidance=2.0, guidance_convention="w").guidance == 3.0
-    with pytest.raises(ValueError, match="guidance_convention"):
-        CSPConfig(guidance_convention="x")
-    # a config.json written before the key existed (guidance 0 = conditional, 2 = "w = 2")
-    for stored, expected in ((0.0, 1.0), (2.0, 3.0)):
-        cfg = CSPConfig(hidden=8, layers=1, n_freq=2, diffusion_steps=10)
-        old = {k: v for k, v in cfg.to_dict().items() if k != "guidance_convention"}
-        old["guidance"] = stored
-        run = tmp_path / f"old{stored:g}"
-        run.mkdir()
-        (run / "config.json").write_text(json.dumps(old))
-        save_checkpoint(str(run / "last.pt"), make_model(cfg))
-        _, loaded = load_model(str(run))
-        assert loaded.guidance == expected and loaded.guidance_convention == "s"
-        # a run saved now round-trips unchanged
-        new = tmp_path / f"new{stored:g}"
-        new.mkdir()
-        (new / "config.json").write_text(json.dumps(CSPConfig(**{**cfg.to_dict(), "guidance": stored}).to_dict()))
-        save_checkpoint(str(new / "last.pt"), make_model(cfg))
-        assert load_model(str(new))[1].guidance == stored
-    # a config.json from before conditioning (no guidance key at all) keeps the default s = 1
-    older = tmp_path / "preconditioning"
-    older.mkdir()
     cfg = CSPConfig(hidden=8, layers=1, n_freq=2, diffusion_steps=10)
-    (older / "config.json").write_text(json.dumps({k: v for k, v in cfg.to_dict().items()
-                                                   if k not in ("guidance", "guidance_convention")}))
-    save_checkpoint(str(older / "last.pt"), make_model(cfg))
-    assert load_model(str(older))[1].guidance == 1.0
+    for stored in (0.0, 3.0):
+        assert load_model(save_run(f"s{stored:g}", {**cfg.to_dict(), "guidance": stored}, cfg))[1].guidance == stored
+    # a config.json from before conditioning (none of its keys) is an unconditioned run with s = 1
+    conditioning = {"condition", "cond_dim", "cond_drop_prob", "guidance", "cond_text", "cond_props", "cond_stats"}
+    old = save_run("preconditioning", {k: v for k, v in cfg.to_dict().items() if k not in conditioning}, cfg)
+    loaded = load_model(old)[1]
+    assert loaded.guidance == 1.0 and loaded.condition == "none"
 
 
 def test_bad_condition_inputs_raise_clear_errors():

@@ -114,7 +114,7 @@ class DenoiserCalculator(Calculator):
                  text: Optional[str] = None, props: Any = None, guidance: Optional[float] = None, **kwargs: Any):
         self.denoiser = as_denoiser(model, cfg)
         self._cond, self._asked, self._guidance = None, None, None
-        self._graph_arg = graph
+        self._perceived = (None, None)  # (atomic numbers, graph perceived from a geometry with them)
         self._graph = None if graph is None or isinstance(self.denoiser, CrystalDenoiser) else self.denoiser.graph(graph)
         if isinstance(self.denoiser, MoleculeDenoiser):
             self.implemented_properties = ["forces"]
@@ -161,7 +161,7 @@ class DenoiserCalculator(Calculator):
         graph = self._graph
         if graph is None:  # perceived once from the geometry (checked against atoms.info["smiles"]), then kept
             key = tuple(atoms.numbers.tolist())
-            if getattr(self, "_perceived", (None,))[0] != key:
+            if self._perceived[0] != key:
                 self._perceived = (key, self.denoiser.graph(atoms))
             graph = self._perceived[1]
         check_graph_matches(graph, atoms)

@@ -331,11 +331,10 @@ class MoleculeDenoiser:
                         f"non-periodic Atoms, got {type(what).__name__}")
 
     @torch.no_grad()
-    def predict(self, graph: Any, pos: Tensor, s: float, clip: bool = False) -> dict[str, Tensor]:
+    def predict(self, graph: Any, pos: Tensor, s: float) -> dict[str, Tensor]:
         r"""``x0_hat`` ([N, 3], float64, centred), ``x`` (the centred input), ``alpha`` and ``sigma`` at model time ``s``.
 
-        ``clip=True`` clips ``x0_hat`` to ``±self.clip`` Å as the sampler does (off by default: the
-        calculator reports the network's own prediction, which stays centred)."""
+        ``x0_hat`` is the network's own prediction, unclipped (the sampler clips; the calculator does not)."""
         from torch_geometric.data import Batch
 
         from orbit_pyg._utils import center
@@ -349,8 +348,6 @@ class MoleculeDenoiser:
         tb = torch.full((1,), float(s), dtype=torch.float64, device=dev)
         out = model(x.to(torch.float32), tb.to(torch.float32), batch)
         x0 = posterior_mean(model, out, x, tb, bvec)
-        if clip:
-            x0 = x0.clamp(-self.clip, self.clip)
         sch = self.schedule
         return {"x0_hat": x0.cpu(), "x": x.cpu(), "alpha": float(sch.alpha(tb)[0]), "sigma": float(sch.sigma(tb)[0])}
 

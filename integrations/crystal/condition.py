@@ -17,10 +17,6 @@ Classifier-free guidance (Ho & Salimans 2022):
   condition), ``s > 1`` pushes samples further towards the condition. Sampling "without condition"
   (``cond=None``) runs the same network on the null condition.
 
-Runs saved before this convention stored ``guidance = w`` with ``o = (1 + w) o(c) - w o(null)``
-(``w = 0`` conditional): the same prediction as ``s = 1 + w``. :func:`~.csp.load_model` converts
-such a run (its ``config.json`` has no ``guidance_convention`` key) when it reads it.
-
 Example:
     >>> import torch
     >>> norm = PropertyNormalizer(["heat_all"]).fit(torch.tensor([[0.0], [2.0], [4.0]]))

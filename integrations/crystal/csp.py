@@ -31,6 +31,7 @@ from torch_geometric.data import Batch, Data
 from orbit_pyg.io import atomic_write_json, dataclass_from_dict
 from orbit_pyg.training import Trainer
 
+from .condition import CONDITIONS, PROPERTY_COLUMNS
 from .diffusion import CrystalDiffusion, CrystalDiffusionLoss, crystal_orbit
 from .model import CSPNet
 from .sampling import PredictorCorrector
@@ -55,10 +56,6 @@ class CSPConfig:
     ``cond_props`` (property columns) and ``cond_stats`` (their train-split normalizer). With
     ``condition="none"`` the model and checkpoints are those of an unconditioned run.
 
-    ``guidance_convention`` records the meaning of ``guidance``: ``"s"`` (the only one kept after
-    construction; ``o(null) + s (o(c) - o(null))``). ``"w"`` reads a value in the convention of
-    older runs, ``(1 + w) o(c) - w o(null)``, and converts it to ``s = 1 + w``;
-    :func:`load_model` assumes ``"w"`` for a saved ``config.json`` without the key.
     """
 
     hidden: int = 256
@@ -85,22 +82,14 @@ class CSPConfig:
     cond_dim: int = 0
     cond_drop_prob: float = 0.1
     guidance: float = 1.0
-    guidance_convention: str = "s"
     cond_text: str = "short"
-    cond_props: list = field(default_factory=lambda: ["heat_all", "dir_gap"])
+    cond_props: list = field(default_factory=lambda: list(PROPERTY_COLUMNS))
     cond_stats: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        from .condition import CONDITIONS
-
         if self.condition not in CONDITIONS:
             raise ValueError(f"`condition` must be one of {CONDITIONS}, got {self.condition!r}")
-        if self.guidance_convention == "w":  # older runs: (1 + w) o(c) - w o(null) is s = 1 + w
-            self.guidance, self.guidance_convention = 1.0 + float(self.guidance), "s"
-        elif self.guidance_convention != "s":
-            raise ValueError(f"`guidance_convention` must be 's' (o(null) + s (o(c) - o(null))) or 'w' (older runs: "
-                             f"(1 + w) o(c) - w o(null)), got {self.guidance_convention!r}")
 
     @classmethod
     def from_dict(cls, values: dict) -> "CSPConfig":
@@ -232,16 +221,13 @@ def evaluate(generated: Sequence[Data], references: Sequence[Data], workers: int
 def load_model(run_dir: str) -> tuple[CSPNet, CSPConfig]:
     """Model (EMA weights when saved) and configuration of a run folder written by :func:`train_csp`.
 
-    A ``config.json`` with ``guidance`` but without ``guidance_convention`` was written by an older
-    version, whose ``guidance = w`` meant ``(1 + w) o(c) - w o(null)``: it is read as ``s = 1 + w``
-    (one with neither key predates conditioning and gets the default ``s = 1``).
+    A ``config.json`` from before conditioning existed has none of its keys and reads as an
+    unconditioned run (``guidance`` defaults to 1).
     """
     from orbit_pyg.training import load_checkpoint
 
     with open(os.path.join(run_dir, "config.json")) as fh:
         values = json.load(fh)
-    if "guidance" in values:  # saved before the convention key existed: guidance was the older w
-        values.setdefault("guidance_convention", "w")
     cfg = CSPConfig.from_dict(values)
     model = make_model(cfg)
     load_checkpoint(os.path.join(run_dir, "last.pt"), model, ema=True)

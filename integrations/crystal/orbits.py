@@ -107,17 +107,16 @@ class TorusTranslation(Orbit):
 
     def _repr_args(self) -> dict:
         if self.proposal == "exact":
-            return {"proposal": "exact"}
+            return {"proposal": "exact"} | ({} if self.quadrature_nodes == 64 else {"quadrature_nodes": self.quadrature_nodes})
         return {"num_candidates": self.num_candidates, "proposal": self.proposal}
 
     def candidates(self, ctx: OrbitContext, generator: Optional[torch.Generator] = None) -> OrbitCandidates:
         b, k = ctx.num_graphs, self.num_candidates - 1
         device = ctx.x0.device
+        zero = torch.zeros(b, 1, 3, dtype=torch.float64, device=device)
         if self.proposal == "exact":
-            zero = torch.zeros(b, 1, 3, dtype=torch.float64, device=device)
             return OrbitCandidates(b, shift=zero, exact_shift=self.quadrature_nodes)
         sigma = ctx.sigma.clamp(min=1e-12).view(b, 1, 1)
-        zero = torch.zeros(b, 1, 3, dtype=torch.float64, device=device)
         uniform = torch.rand(b, k, 3, generator=generator, dtype=torch.float64, device=device)
         if self.proposal == "uniform":
             return OrbitCandidates(b, shift=torch.cat([zero, uniform], 1))

@@ -25,12 +25,6 @@ TRAIN_KEYS = ("objective", "mode", "model", "hidden", "layers", "heads", "rotati
               "hydrogens", "proposal", "flow_noise", "steps", "batch_size", "lr", "seed", "sample_steps", "sampler")
 
 
-def _load_config(path):
-    from orbit_pyg.integrations.cli import _load_config_file
-
-    return _load_config_file(path)
-
-
 def _add_data_args(p: argparse.ArgumentParser, inherit: bool = False) -> None:
     d = (lambda key: None) if inherit else DATA_DEFAULTS.get
     p.add_argument("--source", default=None, help="QM9 CSV / folder / URL (default: the qm9pack data files)")
@@ -64,11 +58,12 @@ def _dataset(args):
 
 
 def _train(args) -> int:
+    from orbit_pyg.integrations.cli import _load_config_file
     from orbit_pyg.io import atomic_write_json
 
     from .objectives import ConformerConfig, train_conformer_model
 
-    values = _load_config(args.config)
+    values = _load_config_file(args.config)
     for key in TRAIN_KEYS:
         value = getattr(args, key, None)
         if value is not None:

@@ -68,10 +68,15 @@ def heavy_atom_automorphisms(mol, max_matches: int = 100000) -> tuple[list[tuple
     hmol = Chem.RemoveHs(mol, sanitize=False) if len(heavy) < mol.GetNumAtoms() else Chem.Mol(mol)
     if hmol.GetNumAtoms() != len(heavy):  # RemoveHs keeps some H (e.g. H2): use the full graph
         raise ValueError("heavy-atom graph and heavy-atom list disagree")
-    matches = hmol.GetSubstructMatches(hmol, uniquify=False, useChirality=False, maxMatches=max_matches)
-    ident = tuple(range(len(heavy)))
-    perms = [ident] + sorted({tuple(m) for m in matches} - {ident})
-    return perms, heavy, len(matches) < max_matches
+    perms, complete = _self_matches(hmol, max_matches)
+    return perms, heavy, complete
+
+
+def _self_matches(mol, max_matches: int) -> tuple[list[tuple[int, ...]], bool]:
+    """Distinct self-matches of ``mol``'s graph (identity first) and whether RDKit's enumeration was complete."""
+    matches = mol.GetSubstructMatches(mol, uniquify=False, useChirality=False, maxMatches=max_matches)
+    ident = tuple(range(mol.GetNumAtoms()))
+    return [ident] + sorted({tuple(m) for m in matches} - {ident}), len(matches) < max_matches
 
 
 def _hydrogen_groups(mol, heavy: list[int]) -> Optional[list[list[int]]]:
@@ -120,10 +125,8 @@ def graph_automorphisms(
     heavy = [a.GetIdx() for a in mol.GetAtoms() if a.GetAtomicNum() != 1]
     groups = _hydrogen_groups(mol, heavy) if heavy else None
     if groups is None:  # unusual hydrogens: self-match the whole graph
-        matches = mol.GetSubstructMatches(mol, uniquify=False, useChirality=False, maxMatches=max_matches)
-        ident = tuple(range(n))
-        perms = [ident] + sorted({tuple(m) for m in matches} - {ident})
-        order = len(perms) if len(matches) < max_matches else -1
+        perms, complete = _self_matches(mol, max_matches)
+        order = len(perms) if complete else -1
         if len(perms) > max_automorphisms:  # identity + uniform draws, as below (not a sorted prefix)
             pick = torch.randint(0, len(perms), (int(max_automorphisms) - 1,), generator=generator).tolist()
             perms = [perms[0]] + [perms[i] for i in pick]

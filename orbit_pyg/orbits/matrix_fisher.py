@@ -86,16 +86,10 @@ def proper_svd(f: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     du, dv = torch.sign(torch.linalg.det(u)), torch.sign(torch.linalg.det(v))
     du = torch.where(du == 0, torch.ones_like(du), du)
     dv = torch.where(dv == 0, torch.ones_like(dv), dv)
-    flip = torch.ones_like(s)
-    u = u * torch.stack([flip[..., 0], flip[..., 1], du], -1).unsqueeze(-2)
-    v = v * torch.stack([flip[..., 0], flip[..., 1], dv], -1).unsqueeze(-2)
+    u = torch.cat([u[..., :2], u[..., 2:] * du[..., None, None]], -1)  # flip the last singular vectors
+    v = torch.cat([v[..., :2], v[..., 2:] * dv[..., None, None]], -1)
     s = torch.stack([s[..., 0], s[..., 1], s[..., 2] * du * dv], -1)
     return u, s, v
-
-
-def _log_i0(x: Tensor) -> Tensor:  # noqa: D401
-    """``log I0(x) - x`` for ``x >= 0`` (exponentially scaled Bessel function)."""
-    return torch.log(torch.special.i0e(x))
 
 
 def matrix_fisher_moments(
@@ -210,7 +204,7 @@ def log_normalizer_bounds(s: Tensor) -> tuple[Tensor, Tensor]:
     s3 = s[..., 2]
     delta = 1 / (1 + b + s3.abs())
     arg = b * (2 - delta)
-    lower = torch.log(delta / 2) + arg + _log_i0(arg) + s3 - s3.abs() * delta
+    lower = torch.log(delta / 2) + arg + torch.log(torch.special.i0e(arg)) + s3 - s3.abs() * delta
     return lower, s.sum(-1)
 
 
